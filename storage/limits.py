@@ -14,7 +14,14 @@ MAX_KEY_BYTES = 4096
 MAX_VALUE_BYTES = 1024 * 1024
 MAX_BATCH_ITEMS = 128
 MAX_BATCH_BYTES = 2 * 1024 * 1024
-MAX_MESSAGE_BYTES = 2 * 1024 * 1024  # gRPC send/receive cap on both ends of the client API
+# The gRPC message cap on both ends, servers included: the 2 MiB payload limit plus room
+# for protobuf framing of a full batch. A larger message gets gRPC's RESOURCE_EXHAUSTED.
+MAX_MESSAGE_BYTES = 2 * 1024 * 1024 + 64 * 1024
+# Node-to-node Append batches stay under this (one entry may exceed it alone: a full
+# 1 MiB value plus its key still fits in MAX_MESSAGE_BYTES).
+MAX_APPEND_BATCH_BYTES = 1536 * 1024
+# A scan page holds at most this many value bytes (and at least one item).
+MAX_SCAN_PAGE_BYTES = 1024 * 1024
 MAX_TTL_MS = 10 * 365 * 24 * 3600 * 1000
 MAX_CLIENT_ID_BYTES = 64
 MAX_SCAN_PAGE = 1000
@@ -52,4 +59,6 @@ def check_batch(sizes: Sequence[int]) -> None:
         )
     total = sum(sizes)
     if total > MAX_BATCH_BYTES:
-        raise InvalidArgument(f"batch of {total} bytes is over the limit of {MAX_BATCH_BYTES} bytes")
+        raise InvalidArgument(
+            f"batch of {total} bytes is over the limit of {MAX_BATCH_BYTES} bytes"
+        )

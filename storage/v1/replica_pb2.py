@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from storage.v1 import kv_pb2 as storage_dot_v1_dot_kv__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18storage/v1/replica.proto\x12\nstorage.v1\x1a\x13storage/v1/kv.proto\"\xa1\x02\n\x07\x43ommand\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.storage.v1.Command.Kind\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\r\n\x05value\x18\x03 \x01(\x0c\x12-\n\x10\x65xpected_version\x18\x04 \x01(\x0b\x32\x13.storage.v1.Version\x12\x15\n\rexpect_absent\x18\x05 \x01(\x08\x12\x0e\n\x06\x64\x65lete\x18\x06 \x01(\x08\x12)\n\nrequest_id\x18\x07 \x01(\x0b\x32\x15.storage.v1.RequestId\x12\x15\n\rexpires_at_ms\x18\x08 \x01(\x04\":\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x07\n\x03PUT\x10\x01\x12\n\n\x06\x44\x45LETE\x10\x02\x12\x07\n\x03\x43\x41S\x10\x03\"h\n\x08LogEntry\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\r\n\x05index\x18\x02 \x01(\x04\x12\x0e\n\x04noop\x18\x03 \x01(\x08H\x00\x12&\n\x07\x63ommand\x18\x04 \x01(\x0b\x32\x13.storage.v1.CommandH\x00\x42\x06\n\x04\x62ody\"\xae\x01\n\x0b\x41pplyResult\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12$\n\x07version\x18\x02 \x01(\x0b\x32\x13.storage.v1.Version\x12\x0f\n\x07\x65xisted\x18\x03 \x01(\x08\x12,\n\x0f\x63urrent_version\x18\x04 \x01(\x0b\x32\x13.storage.v1.Version\x12\x15\n\rcurrent_found\x18\x05 \x01(\x08\x12\x15\n\rapplied_at_ms\x18\x06 \x01(\x04\"\x96\x01\n\rAppendRequest\x12\x11\n\tpartition\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x12\n\nprev_epoch\x18\x03 \x01(\x04\x12\x12\n\nprev_index\x18\x04 \x01(\x04\x12%\n\x07\x65ntries\x18\x05 \x03(\x0b\x32\x14.storage.v1.LogEntry\x12\x14\n\x0c\x63ommit_index\x18\x06 \x01(\x04\"\x83\x01\n\x0c\x41ppendResult\x12\x11\n\tpartition\x18\x01 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x16\n\x0epromised_epoch\x18\x03 \x01(\x04\x12\x12\n\nlast_epoch\x18\x04 \x01(\x04\x12\x12\n\nlast_index\x18\x05 \x01(\x04\x12\x0e\n\x06reason\x18\x06 \x01(\t\"S\n\x12\x41ppendBatchRequest\x12\x11\n\tleader_id\x18\x01 \x01(\t\x12*\n\x07\x61ppends\x18\x02 \x03(\x0b\x32\x19.storage.v1.AppendRequest\"Q\n\x13\x41ppendBatchResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.storage.v1.AppendResult\x12\x0f\n\x07node_id\x18\x02 \x01(\t\"V\n\x0ePromiseRequest\x12\x11\n\tpartition\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x10\n\x08replicas\x18\x03 \x03(\t\x12\x10\n\x08learners\x18\x04 \x03(\t\"\xa0\x01\n\x0fPromiseResponse\x12\x10\n\x08promised\x18\x01 \x01(\x08\x12\x16\n\x0epromised_epoch\x18\x02 \x01(\x04\x12\x12\n\nlast_epoch\x18\x03 \x01(\x04\x12\x12\n\nlast_index\x18\x04 \x01(\x04\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x13\n\x0bincarnation\x18\x06 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x07 \x01(\x04\"\"\n\rDigestRequest\x12\x11\n\tpartition\x18\x01 \x01(\r\"\x80\x01\n\x0e\x44igestResponse\x12\x11\n\tpartition\x18\x01 \x01(\r\x12\x0e\n\x06\x64igest\x18\x02 \x01(\x0c\x12\x15\n\rapplied_index\x18\x03 \x01(\x04\x12\x0c\n\x04keys\x18\x04 \x01(\x04\x12\x12\n\nlast_epoch\x18\x05 \x01(\x04\x12\x12\n\nlast_index\x18\x06 \x01(\x04\x32\xd9\x01\n\x07Replica\x12I\n\x06\x41ppend\x12\x1e.storage.v1.AppendBatchRequest\x1a\x1f.storage.v1.AppendBatchResponse\x12\x42\n\x07Promise\x12\x1a.storage.v1.PromiseRequest\x1a\x1b.storage.v1.PromiseResponse\x12?\n\x06\x44igest\x12\x19.storage.v1.DigestRequest\x1a\x1a.storage.v1.DigestResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18storage/v1/replica.proto\x12\nstorage.v1\x1a\x13storage/v1/kv.proto\"\xb9\x02\n\x07\x43ommand\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.storage.v1.Command.Kind\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\r\n\x05value\x18\x03 \x01(\x0c\x12-\n\x10\x65xpected_version\x18\x04 \x01(\x0b\x32\x13.storage.v1.Version\x12\x15\n\rexpect_absent\x18\x05 \x01(\x08\x12\x0e\n\x06\x64\x65lete\x18\x06 \x01(\x08\x12)\n\nrequest_id\x18\x07 \x01(\x0b\x32\x15.storage.v1.RequestId\x12\x15\n\rexpires_at_ms\x18\x08 \x01(\x04\x12\x16\n\x0eproposed_at_ms\x18\t \x01(\x04\":\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x07\n\x03PUT\x10\x01\x12\n\n\x06\x44\x45LETE\x10\x02\x12\x07\n\x03\x43\x41S\x10\x03\"h\n\x08LogEntry\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\r\n\x05index\x18\x02 \x01(\x04\x12\x0e\n\x04noop\x18\x03 \x01(\x08H\x00\x12&\n\x07\x63ommand\x18\x04 \x01(\x0b\x32\x13.storage.v1.CommandH\x00\x42\x06\n\x04\x62ody\"\xae\x01\n\x0b\x41pplyResult\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12$\n\x07version\x18\x02 \x01(\x0b\x32\x13.storage.v1.Version\x12\x0f\n\x07\x65xisted\x18\x03 \x01(\x08\x12,\n\x0f\x63urrent_version\x18\x04 \x01(\x0b\x32\x13.storage.v1.Version\x12\x15\n\rcurrent_found\x18\x05 \x01(\x08\x12\x15\n\rapplied_at_ms\x18\x06 \x01(\x04\"\x96\x01\n\rAppendRequest\x12\x11\n\tpartition\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x12\n\nprev_epoch\x18\x03 \x01(\x04\x12\x12\n\nprev_index\x18\x04 \x01(\x04\x12%\n\x07\x65ntries\x18\x05 \x03(\x0b\x32\x14.storage.v1.LogEntry\x12\x14\n\x0c\x63ommit_index\x18\x06 \x01(\x04\"\x83\x01\n\x0c\x41ppendResult\x12\x11\n\tpartition\x18\x01 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x16\n\x0epromised_epoch\x18\x03 \x01(\x04\x12\x12\n\nlast_epoch\x18\x04 \x01(\x04\x12\x12\n\nlast_index\x18\x05 \x01(\x04\x12\x0e\n\x06reason\x18\x06 \x01(\t\"S\n\x12\x41ppendBatchRequest\x12\x11\n\tleader_id\x18\x01 \x01(\t\x12*\n\x07\x61ppends\x18\x02 \x03(\x0b\x32\x19.storage.v1.AppendRequest\"Q\n\x13\x41ppendBatchResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.storage.v1.AppendResult\x12\x0f\n\x07node_id\x18\x02 \x01(\t\"V\n\x0ePromiseRequest\x12\x11\n\tpartition\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x10\n\x08replicas\x18\x03 \x03(\t\x12\x10\n\x08learners\x18\x04 \x03(\t\"\xa0\x01\n\x0fPromiseResponse\x12\x10\n\x08promised\x18\x01 \x01(\x08\x12\x16\n\x0epromised_epoch\x18\x02 \x01(\x04\x12\x12\n\nlast_epoch\x18\x03 \x01(\x04\x12\x12\n\nlast_index\x18\x04 \x01(\x04\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x13\n\x0bincarnation\x18\x06 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x07 \x01(\x04\"\"\n\rDigestRequest\x12\x11\n\tpartition\x18\x01 \x01(\r\"\x80\x01\n\x0e\x44igestResponse\x12\x11\n\tpartition\x18\x01 \x01(\r\x12\x0e\n\x06\x64igest\x18\x02 \x01(\x0c\x12\x15\n\rapplied_index\x18\x03 \x01(\x04\x12\x0c\n\x04keys\x18\x04 \x01(\x04\x12\x12\n\nlast_epoch\x18\x05 \x01(\x04\x12\x12\n\nlast_index\x18\x06 \x01(\x04\x32\xd9\x01\n\x07Replica\x12I\n\x06\x41ppend\x12\x1e.storage.v1.AppendBatchRequest\x1a\x1f.storage.v1.AppendBatchResponse\x12\x42\n\x07Promise\x12\x1a.storage.v1.PromiseRequest\x1a\x1b.storage.v1.PromiseResponse\x12?\n\x06\x44igest\x12\x19.storage.v1.DigestRequest\x1a\x1a.storage.v1.DigestResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,29 +33,29 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'storage.v1.replica_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_COMMAND']._serialized_start=62
-  _globals['_COMMAND']._serialized_end=351
-  _globals['_COMMAND_KIND']._serialized_start=293
-  _globals['_COMMAND_KIND']._serialized_end=351
-  _globals['_LOGENTRY']._serialized_start=353
-  _globals['_LOGENTRY']._serialized_end=457
-  _globals['_APPLYRESULT']._serialized_start=460
-  _globals['_APPLYRESULT']._serialized_end=634
-  _globals['_APPENDREQUEST']._serialized_start=637
-  _globals['_APPENDREQUEST']._serialized_end=787
-  _globals['_APPENDRESULT']._serialized_start=790
-  _globals['_APPENDRESULT']._serialized_end=921
-  _globals['_APPENDBATCHREQUEST']._serialized_start=923
-  _globals['_APPENDBATCHREQUEST']._serialized_end=1006
-  _globals['_APPENDBATCHRESPONSE']._serialized_start=1008
-  _globals['_APPENDBATCHRESPONSE']._serialized_end=1089
-  _globals['_PROMISEREQUEST']._serialized_start=1091
-  _globals['_PROMISEREQUEST']._serialized_end=1177
-  _globals['_PROMISERESPONSE']._serialized_start=1180
-  _globals['_PROMISERESPONSE']._serialized_end=1340
-  _globals['_DIGESTREQUEST']._serialized_start=1342
-  _globals['_DIGESTREQUEST']._serialized_end=1376
-  _globals['_DIGESTRESPONSE']._serialized_start=1379
-  _globals['_DIGESTRESPONSE']._serialized_end=1507
-  _globals['_REPLICA']._serialized_start=1510
-  _globals['_REPLICA']._serialized_end=1727
+  _globals['_COMMAND']._serialized_end=375
+  _globals['_COMMAND_KIND']._serialized_start=317
+  _globals['_COMMAND_KIND']._serialized_end=375
+  _globals['_LOGENTRY']._serialized_start=377
+  _globals['_LOGENTRY']._serialized_end=481
+  _globals['_APPLYRESULT']._serialized_start=484
+  _globals['_APPLYRESULT']._serialized_end=658
+  _globals['_APPENDREQUEST']._serialized_start=661
+  _globals['_APPENDREQUEST']._serialized_end=811
+  _globals['_APPENDRESULT']._serialized_start=814
+  _globals['_APPENDRESULT']._serialized_end=945
+  _globals['_APPENDBATCHREQUEST']._serialized_start=947
+  _globals['_APPENDBATCHREQUEST']._serialized_end=1030
+  _globals['_APPENDBATCHRESPONSE']._serialized_start=1032
+  _globals['_APPENDBATCHRESPONSE']._serialized_end=1113
+  _globals['_PROMISEREQUEST']._serialized_start=1115
+  _globals['_PROMISEREQUEST']._serialized_end=1201
+  _globals['_PROMISERESPONSE']._serialized_start=1204
+  _globals['_PROMISERESPONSE']._serialized_end=1364
+  _globals['_DIGESTREQUEST']._serialized_start=1366
+  _globals['_DIGESTREQUEST']._serialized_end=1400
+  _globals['_DIGESTRESPONSE']._serialized_start=1403
+  _globals['_DIGESTRESPONSE']._serialized_end=1531
+  _globals['_REPLICA']._serialized_start=1534
+  _globals['_REPLICA']._serialized_end=1751
 # @@protoc_insertion_point(module_scope)

@@ -53,6 +53,7 @@ class Command(_message.Message):
     DELETE_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_MS_FIELD_NUMBER: _builtins.int
+    PROPOSED_AT_MS_FIELD_NUMBER: _builtins.int
     kind: Global___Command.Kind.ValueType
     key: _builtins.bytes
     value: _builtins.bytes
@@ -61,6 +62,8 @@ class Command(_message.Message):
     """CAS: delete instead of write on success"""
     expires_at_ms: _builtins.int
     """wall clock, fixed by the leader; 0: never"""
+    proposed_at_ms: _builtins.int
+    """the leader's wall clock at proposal: TTL checks at apply"""
     @_builtins.property
     def expected_version(self) -> _kv_pb2.Version:
         """CAS: the version required, unless expect_absent"""
@@ -78,10 +81,11 @@ class Command(_message.Message):
         delete: _builtins.bool = ...,
         request_id: _kv_pb2.RequestId | None = ...,
         expires_at_ms: _builtins.int = ...,
+        proposed_at_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expected_version", b"expected_version", "request_id", b"request_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delete", b"delete", "expect_absent", b"expect_absent", "expected_version", b"expected_version", "expires_at_ms", b"expires_at_ms", "key", b"key", "kind", b"kind", "request_id", b"request_id", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delete", b"delete", "expect_absent", b"expect_absent", "expected_version", b"expected_version", "expires_at_ms", b"expires_at_ms", "key", b"key", "kind", b"kind", "proposed_at_ms", b"proposed_at_ms", "request_id", b"request_id", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
