@@ -372,3 +372,15 @@ def map_(output: str, conn: Connection) -> None:
     console = Console()
     console.print(partitions)
     console.print(nodes)
+
+
+def _add_daemon_commands() -> None:
+    # Imported here, not at the top: the daemons pull in the node and controller, which
+    # the data commands do not need.
+    from storage.daemons import controller_command, local_group, node_command
+
+    for command in (node_command, controller_command, local_group):
+        main.add_command(command)
+
+
+_add_daemon_commands()

@@ -1333,10 +1333,13 @@ class Client:
         if getattr(self, "_closed", True):
             return
         warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=1, source=self)
-        try:
-            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._closed = True
+        loop = self._loop
+        try:  # release the channels on the loop, then stop it; never block in __del__
+            closing = asyncio.run_coroutine_threadsafe(self._async.close(), loop)
+            closing.add_done_callback(lambda _: loop.call_soon_threadsafe(loop.stop))
         except RuntimeError:
-            pass
+            pass  # the loop is already closed
 
     def __enter__(self) -> Client:
         try:
