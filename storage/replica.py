@@ -28,7 +28,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 import grpc
@@ -58,6 +58,7 @@ from storage.replication import (
     LogPosition,
     decide_append,
     decide_promise,
+    majority,
 )
 from storage.v1 import kv_pb2, replica_pb2
 
@@ -80,6 +81,7 @@ class Tuning:
     lease_margin: float = 0.5
     retry_min: float = 0.05
     retry_max: float = 1.0
+    confirm_fallback: float = 0.05
 
 
 @dataclass
@@ -261,6 +263,12 @@ class Replicas:
 
     async def write(self, p: int, command: replica_pb2.Command) -> ApplyResult:
         """Append `command` to partition p's log; return its result once applied."""
+        return await self.submit(p, command)
+
+    def submit(self, p: int, command: replica_pb2.Command) -> asyncio.Future[ApplyResult]:
+        """Queue `command` for partition p's log (no await, so a batch of writes costs no
+        task each); the future resolves with its result once applied. Raises NotLeader or
+        Unavailable at once when this node cannot take the write."""
         r = self._replicas.get(p)
         lp = r.leader if r is not None else None
         if r is None or lp is None:
@@ -270,7 +278,7 @@ class Replicas:
                               "alive; refusing writes until it is", partition=p)
         future: asyncio.Future[ApplyResult] = asyncio.get_running_loop().create_future()
         self._propose(r, replica_pb2.LogEntry(epoch=lp.epoch, command=command), future)
-        return await future
+        return future
 
     def _propose(self, r: PartitionReplica, entry: replica_pb2.LogEntry,
                  future: asyncio.Future[ApplyResult] | None) -> None:
@@ -319,11 +327,17 @@ class Replicas:
 
     async def read(self, p: int, key: bytes, consistency: int) -> ValueRecord | None:
         await self.read_barrier(p, consistency)
-        raw = self.engine.get(p, key)
-        if raw is None:
-            return None
-        record = decode_record(raw)
-        return record if record.live_at(_now_ms()) else None
+        return self.read_local(p, [key])[0]
+
+    def read_local(self, p: int, keys: Sequence[bytes]) -> list[ValueRecord | None]:
+        """This replica's applied values (after `read_barrier` for anything but FOLLOWER)."""
+        now = _now_ms()
+        raws = self.engine.multi_get(p, keys) if len(keys) > 1 else [self.engine.get(p, keys[0])]
+        out: list[ValueRecord | None] = []
+        for raw in raws:
+            record = decode_record(raw) if raw is not None else None
+            out.append(record if record is not None and record.live_at(now) else None)
+        return out
 
     async def read_barrier(self, p: int, consistency: int) -> None:
         """Return once a read of partition p at `consistency` may be served locally."""
@@ -343,15 +357,28 @@ class Replicas:
         ):
             pass
         else:
-            need = {peer: self._sender(peer).seq + 1 for peer in lp.replicas
-                    if peer != self.node_id}
-            for peer, seq in need.items():
-                if r.confirm_need.get(peer, 0) < seq:
-                    r.confirm_need[peer] = seq
-                self._senders[peer].wake()
-            await self._wait(r, lambda: self._check_leader(r, lp) and lp.confirmed_since(need))
+            # Ask only as many followers as a majority needs, quickest first; the rest are
+            # asked too if that has not confirmed within `confirm_fallback`.
+            peers = sorted((q for q in lp.replicas if q != self.node_id),
+                           key=lambda q: self._sender(q).rtt)
+            need = {peer: self._senders[peer].seq + 1 for peer in peers}
+            quorum = majority(len(lp.replicas)) - 1
+            self._ask_confirm(r, peers[:quorum], need)
+            widen = asyncio.get_running_loop().call_later(
+                self.tuning.confirm_fallback, self._ask_confirm, r, peers[quorum:], need)
+            try:
+                await self._wait(r, lambda: self._check_leader(r, lp)
+                                 and lp.confirmed_since(need))
+            finally:
+                widen.cancel()
         await self._wait(r, lambda: self._check_leader(r, lp)
                          and r.meta.applied_index >= read_index)
+
+    def _ask_confirm(self, r: PartitionReplica, peers: list[str], need: dict[str, int]) -> None:
+        for peer in peers:
+            if r.confirm_need.get(peer, 0) < need[peer]:
+                r.confirm_need[peer] = need[peer]
+            self._senders[peer].wake()
 
     async def _serving_leader(self, p: int) -> LeaderProgress:
         r = self._replicas.get(p)
@@ -496,7 +523,7 @@ class Replicas:
             if lp is None or peer not in lp.match:
                 continue
             wants_confirm = r.confirm_need.get(peer, 0) > lp.confirmed[peer]
-            if not (heartbeat or wants_confirm or lp.needs_send(peer)):
+            if not (heartbeat or wants_confirm or lp.has_entries_for(peer)):
                 continue
             nxt = lp.next[peer]
             if nxt <= r.meta.base_index:
@@ -542,7 +569,7 @@ class Replicas:
                 if lp.on_accept(peer, seq=seq, sent_at=sent_at, through=item.through,
                                 commit_sent=item.commit):
                     committed.append(item.partition)
-                again = again or lp.needs_send(peer)
+                again = again or lp.has_entries_for(peer)
                 r.notify()
             elif res.promised_epoch > lp.epoch:
                 self._step_down(r, f"{peer} promised epoch {res.promised_epoch}")
@@ -691,6 +718,7 @@ class _PeerSender:
         self.replicas = replicas
         self.peer = peer
         self.seq = 0
+        self.rtt = 0.0  # smoothed Append round trip (s); failures count as slow
         self._wake = asyncio.Event()
         self._heartbeat = False
         self._closed = False
@@ -727,6 +755,7 @@ class _PeerSender:
                 response = await stub.Append(request, timeout=tuning.append_timeout)
             except grpc.aio.AioRpcError as exc:
                 self._failures += 1
+                self.rtt = tuning.append_timeout
                 delay = min(tuning.retry_max, tuning.retry_min * 2 ** min(self._failures, 6))
                 if self._failures in (1, 10) or self._failures % 100 == 0:
                     log.warning("append to peer failed peer=%s code=%s failures=%d",
@@ -737,6 +766,7 @@ class _PeerSender:
             except asyncio.CancelledError:
                 raise
             self._failures = 0
+            self.rtt = 0.8 * self.rtt + 0.2 * (time.monotonic() - sent_at)
             if self.replicas.on_append_response(self.peer, seq, sent_at, sent, response):
                 self._wake.set()
 

@@ -204,8 +204,11 @@ class LeaderProgress:
         """The epoch's no-op is committed: the leader may acknowledge and serve reads."""
         return self.commit_index >= self.noop_index
 
-    def needs_send(self, peer: str) -> bool:
-        return self.next[peer] <= self.last_index or self.peer_commit[peer] < self.commit_index
+    def has_entries_for(self, peer: str) -> bool:
+        """The follower lacks entries this leader holds: worth an Append at once. (A lagging
+        commit index alone waits for the next Append or heartbeat: followers learn it
+        late, which only delays their FOLLOWER reads, and costs no extra RPC.)"""
+        return self.next[peer] <= self.last_index
 
     def on_accept(
         self, peer: str, *, seq: int, sent_at: float, through: int, commit_sent: int

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Protocol, TypeVar
 
 import grpc
@@ -27,7 +27,7 @@ from storage.errors import (
     Unavailable,
     Version,
 )
-from storage.keyspace import ApplyResult, Outcome
+from storage.keyspace import ApplyResult, Outcome, ValueRecord
 from storage.replica import Replicas
 from storage.v1 import kv_pb2, kv_pb2_grpc, replica_pb2, replica_pb2_grpc
 
@@ -104,49 +104,37 @@ def _check_request_id(rid: kv_pb2.RequestId) -> None:
     limits.check_client_id(rid.client_id)
 
 
+WriteRequest = kv_pb2.PutRequest | kv_pb2.DeleteRequest | kv_pb2.CompareAndSetRequest
+
+
 class Operations:
-    """Request messages -> log commands and reads. Raises StorageError subclasses."""
+    """Request messages -> log commands and reads. Raises StorageError subclasses.
+
+    Each write is validated and turned into a `Command` synchronously (`command()`), so a
+    batch submits all its writes without a task per item; its response is built from
+    the `ApplyResult` (`respond()`)."""
 
     def __init__(self, view: NodeView, replicas: Replicas) -> None:
         self.view = view
         self.replicas = replicas
 
-    async def put(self, req: kv_pb2.PutRequest) -> kv_pb2.PutResponse:
+    def command(self, req: WriteRequest) -> tuple[int, replica_pb2.Command]:
+        """Validate a write and build its log command; returns (partition, command)."""
         limits.check_key(req.key)
-        limits.check_value(req.value)
-        limits.check_ttl(req.ttl_ms)
         _check_request_id(req.request_id)
         now = _now_ms()
-        cmd = replica_pb2.Command(
-            kind=replica_pb2.Command.PUT, key=req.key, value=req.value,
-            request_id=req.request_id, proposed_at_ms=now,
-            expires_at_ms=now + req.ttl_ms if req.ttl_ms else 0,
-        )
-        result = await self.replicas.write(self.view.partition_of(req.key), cmd)
-        return kv_pb2.PutResponse(version=_version(result.version))
-
-    async def get(self, req: kv_pb2.GetRequest) -> kv_pb2.GetResponse:
-        limits.check_key(req.key)
-        consistency = _check_consistency(req.consistency)
-        record = await self.replicas.read(self.view.partition_of(req.key), req.key, consistency)
-        if record is None:
-            return kv_pb2.GetResponse(found=False)
-        return kv_pb2.GetResponse(found=True, value=record.value,
-                                  version=_version(record.version))
-
-    async def delete(self, req: kv_pb2.DeleteRequest) -> kv_pb2.DeleteResponse:
-        limits.check_key(req.key)
-        _check_request_id(req.request_id)
-        cmd = replica_pb2.Command(kind=replica_pb2.Command.DELETE, key=req.key,
-                                  request_id=req.request_id, proposed_at_ms=_now_ms())
-        result = await self.replicas.write(self.view.partition_of(req.key), cmd)
-        return kv_pb2.DeleteResponse(existed=result.existed, version=_version(result.version))
-
-    async def cas(self, req: kv_pb2.CompareAndSetRequest) -> kv_pb2.CompareAndSetResponse:
-        limits.check_key(req.key)
+        if isinstance(req, kv_pb2.DeleteRequest):
+            cmd = replica_pb2.Command(kind=replica_pb2.Command.DELETE, key=req.key,
+                                      request_id=req.request_id, proposed_at_ms=now)
+            return self.view.partition_of(req.key), cmd
         limits.check_value(req.value)
         limits.check_ttl(req.ttl_ms)
-        _check_request_id(req.request_id)
+        expires = now + req.ttl_ms if req.ttl_ms else 0
+        if isinstance(req, kv_pb2.PutRequest):
+            cmd = replica_pb2.Command(
+                kind=replica_pb2.Command.PUT, key=req.key, value=req.value,
+                request_id=req.request_id, proposed_at_ms=now, expires_at_ms=expires)
+            return self.view.partition_of(req.key), cmd
         which = req.WhichOneof("expected")
         if which is None:
             raise InvalidArgument("compare-and-set needs expected_version or expect_absent")
@@ -158,49 +146,101 @@ class Operations:
             raise InvalidArgument(
                 f"malformed expected version {req.expected_version.epoch}."
                 f"{req.expected_version.index}: versions start at 1.1; use expect_absent")
-        now = _now_ms()
         cmd = replica_pb2.Command(
             kind=replica_pb2.Command.CAS, key=req.key, value=req.value, delete=req.delete,
             expect_absent=which == "expect_absent", request_id=req.request_id,
-            proposed_at_ms=now, expires_at_ms=now + req.ttl_ms if req.ttl_ms else 0,
-        )
+            proposed_at_ms=now, expires_at_ms=expires)
         if which == "expected_version":
             cmd.expected_version.CopyFrom(req.expected_version)
-        p = self.view.partition_of(req.key)
-        result = await self.replicas.write(p, cmd)
-        _raise_mismatch(result, p)
-        return kv_pb2.CompareAndSetResponse(version=_version(result.version))
+        return self.view.partition_of(req.key), cmd
 
-    async def op(self, op: kv_pb2.Op) -> kv_pb2.OpResult:
-        """One batch item; errors become the item's status, never the batch's."""
-        which = op.WhichOneof("op")
-        try:
-            if which == "put":
-                return kv_pb2.OpResult(put=await self.put(op.put))
-            if which == "get":
-                return kv_pb2.OpResult(get=await self.get(op.get))
-            if which == "delete":
-                return kv_pb2.OpResult(delete=await self.delete(op.delete))
-            if which == "cas":
-                return kv_pb2.OpResult(cas=await self.cas(op.cas))
-            raise InvalidArgument("batch item with no operation")
-        except StorageError as err:
-            return self.failed(err)
-        except TimeoutError:
-            return self.failed(DeadlineExceeded("deadline exceeded; may or may not have applied"))
+    @staticmethod
+    def respond(req: WriteRequest, p: int, result: ApplyResult) -> kv_pb2.OpResult:
+        """The item result of an applied write (a CAS mismatch raises CasMismatch)."""
+        version = _version(result.version)
+        if isinstance(req, kv_pb2.PutRequest):
+            return kv_pb2.OpResult(put=kv_pb2.PutResponse(version=version))
+        if isinstance(req, kv_pb2.DeleteRequest):
+            return kv_pb2.OpResult(delete=kv_pb2.DeleteResponse(existed=result.existed,
+                                                                version=version))
+        _raise_mismatch(result, p)
+        return kv_pb2.OpResult(cas=kv_pb2.CompareAndSetResponse(version=version))
+
+    async def write(self, req: WriteRequest) -> kv_pb2.OpResult:
+        p, cmd = self.command(req)
+        return self.respond(req, p, await self.replicas.write(p, cmd))
+
+    def read_key(self, req: kv_pb2.GetRequest) -> tuple[int, int]:
+        """Validate a get; returns (partition, consistency)."""
+        limits.check_key(req.key)
+        return self.view.partition_of(req.key), _check_consistency(req.consistency)
+
+    async def get(self, req: kv_pb2.GetRequest) -> kv_pb2.GetResponse:
+        p, consistency = self.read_key(req)
+        await self.replicas.read_barrier(p, consistency)
+        return _get_response(self.replicas.read_local(p, [req.key])[0])
 
     def failed(self, err: StorageError) -> kv_pb2.OpResult:
         return kv_pb2.OpResult(status=kv_pb2.ItemStatus(
             code=status_code(err).value[0], detail=error_detail(err, self.view.map_version)))
 
-    async def batch(self, ops: list[kv_pb2.Op]) -> list[kv_pb2.OpResult]:
+    async def batch(self, ops: Sequence[kv_pb2.Op]) -> list[kv_pb2.OpResult]:
+        """Answer every item; errors become the item's status, never the batch's. Writes
+        are submitted together (one group commit); gets of one partition and consistency
+        share one read barrier and one multi-get."""
         sizes = []
         for op in ops:
             which = op.WhichOneof("op")
             item = getattr(op, which) if which else None
             sizes.append(len(getattr(item, "key", b"")) + len(getattr(item, "value", b"")))
         limits.check_batch(sizes)
-        return list(await asyncio.gather(*(self.op(op) for op in ops)))
+        results: list[kv_pb2.OpResult | None] = [None] * len(ops)
+        writes: list[tuple[int, WriteRequest, int, asyncio.Future[ApplyResult]]] = []
+        reads: dict[tuple[int, int], list[tuple[int, bytes]]] = {}
+        for i, op in enumerate(ops):
+            which = op.WhichOneof("op")
+            try:
+                if which == "get":
+                    p, consistency = self.read_key(op.get)
+                    reads.setdefault((p, consistency), []).append((i, op.get.key))
+                elif which in ("put", "delete", "cas"):
+                    req: WriteRequest = getattr(op, which)
+                    p, cmd = self.command(req)
+                    writes.append((i, req, p, self.replicas.submit(p, cmd)))
+                else:
+                    raise InvalidArgument("batch item with no operation")
+            except StorageError as err:
+                results[i] = self.failed(err)
+        groups = [self._read_group(p, c, items, results) for (p, c), items in reads.items()]
+        await asyncio.gather(*(w[3] for w in writes), *groups, return_exceptions=True)
+        for i, req, p, future in writes:
+            exc = future.exception()
+            try:
+                if exc is not None:
+                    raise exc
+                results[i] = self.respond(req, p, future.result())
+            except StorageError as err:
+                results[i] = self.failed(err)
+        return [r if r is not None else self.failed(Unavailable("no result")) for r in results]
+
+    async def _read_group(self, p: int, consistency: int, items: list[tuple[int, bytes]],
+                          results: list[kv_pb2.OpResult | None]) -> None:
+        try:
+            await self.replicas.read_barrier(p, consistency)
+        except StorageError as err:
+            failed = self.failed(err)
+            for i, _ in items:
+                results[i] = failed
+            return
+        records = self.replicas.read_local(p, [key for _, key in items])
+        for (i, _), record in zip(items, records, strict=True):
+            results[i] = kv_pb2.OpResult(get=_get_response(record))
+
+
+def _get_response(record: ValueRecord | None) -> kv_pb2.GetResponse:
+    if record is None:
+        return kv_pb2.GetResponse(found=False)
+    return kv_pb2.GetResponse(found=True, value=record.value, version=_version(record.version))
 
 
 def _raise_mismatch(result: ApplyResult, p: int) -> None:
@@ -242,9 +282,9 @@ class KVService(kv_pb2_grpc.KVServicer):
 
     async def Put(self, request: kv_pb2.PutRequest,
                   context: grpc.aio.ServicerContext[object, object]) -> kv_pb2.PutResponse:
-        response = await self._run(context, lambda: self.ops.put(request))
-        response.header.CopyFrom(self._header())
-        return response
+        result = await self._run(context, lambda: self.ops.write(request))
+        result.put.header.CopyFrom(self._header())
+        return result.put
 
     async def Get(self, request: kv_pb2.GetRequest,
                   context: grpc.aio.ServicerContext[object, object]) -> kv_pb2.GetResponse:
@@ -255,21 +295,21 @@ class KVService(kv_pb2_grpc.KVServicer):
     async def Delete(self, request: kv_pb2.DeleteRequest,
                      context: grpc.aio.ServicerContext[object, object]
                      ) -> kv_pb2.DeleteResponse:
-        response = await self._run(context, lambda: self.ops.delete(request))
-        response.header.CopyFrom(self._header())
-        return response
+        result = await self._run(context, lambda: self.ops.write(request))
+        result.delete.header.CopyFrom(self._header())
+        return result.delete
 
     async def CompareAndSet(self, request: kv_pb2.CompareAndSetRequest,
                             context: grpc.aio.ServicerContext[object, object]
                             ) -> kv_pb2.CompareAndSetResponse:
-        response = await self._run(context, lambda: self.ops.cas(request))
-        response.header.CopyFrom(self._header())
-        return response
+        result = await self._run(context, lambda: self.ops.write(request))
+        result.cas.header.CopyFrom(self._header())
+        return result.cas
 
     async def Batch(self, request: kv_pb2.BatchRequest,
                     context: grpc.aio.ServicerContext[object, object]
                     ) -> kv_pb2.BatchResponse:
-        results = await self._run(context, lambda: self.ops.batch(list(request.ops)))
+        results = await self._run(context, lambda: self.ops.batch(request.ops))
         return kv_pb2.BatchResponse(results=results, header=self._header())
 
     async def BatchPut(self, request: kv_pb2.BatchPutRequest,
