@@ -77,8 +77,8 @@ class Tuning:
 
     heartbeat: float = 0.2
     append_timeout: float = 2.0
-    lease: float = 2.0
-    lease_margin: float = 0.5
+    lease: float = 1.0
+    lease_margin: float = 0.3
     retry_min: float = 0.05
     retry_max: float = 1.0
     confirm_fallback: float = 0.05
@@ -567,7 +567,7 @@ class Replicas:
             lp = item.leader
             if res.accepted:
                 if lp.on_accept(peer, seq=seq, sent_at=sent_at, through=item.through,
-                                commit_sent=item.commit):
+                                commit_sent=item.commit, voter=res.voter):
                     committed.append(item.partition)
                 again = again or lp.has_entries_for(peer)
                 r.notify()
@@ -650,7 +650,7 @@ class Replicas:
                        ) -> replica_pb2.AppendResult:
         return replica_pb2.AppendResult(
             partition=r.partition, accepted=accepted, promised_epoch=r.meta.promised_epoch,
-            last_epoch=r.last.epoch, last_index=r.last.index, reason=reason,
+            last_epoch=r.last.epoch, last_index=r.last.index, reason=reason, voter=r.voter,
         )
 
     def handle_promise(self, request: replica_pb2.PromiseRequest, incarnation: str

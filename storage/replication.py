@@ -194,6 +194,9 @@ class LeaderProgress:
         self.noop_index = noop_index
         self.peers = tuple(p for p in (*self.replicas, *self.learners) if p != node_id)
         self.match: dict[str, int] = dict.fromkeys(self.peers, 0)
+        # Followers whose acknowledgements count: a replica that answers as a non-voter
+        # (a wiped directory rejoining) holds what it acknowledges but counts in no quorum.
+        self.voting: set[str] = set(self.replicas)
         self.next: dict[str, int] = dict.fromkeys(self.peers, last_index + 1)
         self.peer_commit: dict[str, int] = dict.fromkeys(self.peers, 0)
         self.confirmed: dict[str, int] = dict.fromkeys(self.peers, 0)
@@ -211,9 +214,14 @@ class LeaderProgress:
         return self.next[peer] <= self.last_index
 
     def on_accept(
-        self, peer: str, *, seq: int, sent_at: float, through: int, commit_sent: int
+        self, peer: str, *, seq: int, sent_at: float, through: int, commit_sent: int,
+        voter: bool = True,
     ) -> bool:
         """Record an accepted Append; return True if the commit index advanced."""
+        if not voter:
+            self.voting.discard(peer)
+        elif peer in self.replicas:
+            self.voting.add(peer)
         if through > self.match[peer]:
             self.match[peer] = through
         self.next[peer] = max(self.next[peer], through + 1)
@@ -233,7 +241,7 @@ class LeaderProgress:
 
     def advance_commit(self) -> bool:
         held = [self.last_index if node == self.node_id else self.match.get(node, 0)
-                for node in self.replicas]
+                for node in self.replicas if node in self.voting]
         index = quorum_index(held, len(self.replicas))
         if index >= self.noop_index and index > self.commit_index:
             self.commit_index = index
@@ -245,7 +253,8 @@ class LeaderProgress:
         count = sum(
             1
             for node in self.replicas
-            if node == self.node_id or self.confirmed.get(node, 0) >= need.get(node, 1 << 62)
+            if node == self.node_id
+            or (node in self.voting and self.confirmed.get(node, 0) >= need.get(node, 1 << 62))
         )
         return count >= majority(len(self.replicas))
 
@@ -253,7 +262,8 @@ class LeaderProgress:
         """Monotonic instant until which LEASE reads may be served locally."""
         sent = sorted(
             (float("inf") if node == self.node_id else self.acked_sent_at.get(node, float("-inf"))
-             for node in self.replicas),
+             for node in self.replicas if node in self.voting),
             reverse=True,
         )
-        return sent[majority(len(self.replicas)) - 1] + lease_s - margin_s
+        need = majority(len(self.replicas))
+        return sent[need - 1] + lease_s - margin_s if len(sent) >= need else float("-inf")

@@ -207,6 +207,7 @@ class AppendResult(_message.Message):
     LAST_EPOCH_FIELD_NUMBER: _builtins.int
     LAST_INDEX_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    VOTER_FIELD_NUMBER: _builtins.int
     partition: _builtins.int
     accepted: _builtins.bool
     promised_epoch: _builtins.int
@@ -215,6 +216,8 @@ class AppendResult(_message.Message):
     """this replica's last log position after the call"""
     last_index: _builtins.int
     reason: _builtins.str
+    voter: _builtins.bool
+    """false: a wiped or new data directory, not yet promoted; its"""
     def __init__(
         self,
         *,
@@ -224,10 +227,11 @@ class AppendResult(_message.Message):
         last_epoch: _builtins.int = ...,
         last_index: _builtins.int = ...,
         reason: _builtins.str = ...,
+        voter: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "last_epoch", b"last_epoch", "last_index", b"last_index", "partition", b"partition", "promised_epoch", b"promised_epoch", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "last_epoch", b"last_epoch", "last_index", b"last_index", "partition", b"partition", "promised_epoch", b"promised_epoch", "reason", b"reason", "voter", b"voter"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
