@@ -8,7 +8,16 @@ wait. The leader:
   a versioned write (epochs are never reused, even across controller crashes), (2) ask
   the replicas to promise e+1, (3) from a majority that promised pick the replica with
   the highest last (epoch, index), (4) write it with a versioned write;
-- re-runs that path for every partition whose leader's liveness node is gone.
+- re-runs that path for every partition whose leader's liveness node is gone, or whose
+  leader refuses connections (a health probe every `probe_interval`: a killed process
+  refuses at once, so failover need not wait for its ZooKeeper session to expire; a
+  frozen one does not refuse, and waits for the session — the Promise majority keeps
+  either case safe);
+- moves leadership away from a node that announces it is leaving (`leaving/<node>`,
+  written by a node on SIGTERM once its followers have caught up), so a rolling restart
+  needs no failover;
+- promotes a rejoined node whose data directory is a new incarnation (a wiped disk) once
+  every partition it holds has caught up with its leader: only then does the node vote.
 
 Every map write is a compare-and-set on the znode version, so a deposed controller that
 still runs can never overwrite its successor's decisions. While the ZooKeeper session
@@ -27,15 +36,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from scheduler.coord import CoordError, Coordinator, Election, NodeExists, VersionConflict
 from storage import directory
-from storage.directory import Paths
+from storage.directory import NodeRecord, Paths
 from storage.partition import (
     DEFAULT_PARTITIONS,
     DEFAULT_REPLICATION,
     Assignment,
     Member,
+    PartitionMap,
     check_partition_count,
     plan,
 )
@@ -47,6 +58,7 @@ log = logging.getLogger(__name__)
 
 PROMISE_TIMEOUT = 1.0
 ELECTION_CONCURRENCY = 32
+PROBE_TIMEOUT = 0.5
 
 
 @dataclass(frozen=True)
@@ -59,6 +71,8 @@ class ControllerOptions:
     controller_id: str = ""
     session_timeout: float = 4.0
     interval: float = 1.0
+    probe_interval: float = 0.25
+    rebalance_interval: float = 5.0
 
 
 class Controller:
@@ -78,21 +92,31 @@ class Controller:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._electing: set[int] = set()
+        self.refusing: set[str] = set()  # nodes whose gRPC port refuses connections
+        self._live: set[str] = set()
+        self._last_rebalance = 0.0
+        self._announced = False
 
     async def run(self) -> None:
         await self.coord.start()
         self.coord.on_state(self._on_state)
         election = Election(self.coord, self.paths.controller,
                             json.dumps({"id": self.id, "pid": os.getpid()}).encode())
+        for path in (self.paths.live, self.paths.nodes, self.paths.leaving):
+            self.coord.watch_children(path, lambda _: self._wake.set())
         try:
             while not self._stop.is_set():
                 if not await election.campaign(self._stop):
                     break
                 self.leading = True
+                self._announced = False
                 log.info("controller leading id=%s", self.id)
-                self.coord.watch_children(self.paths.live, lambda _: self._wake.set())
-                self.coord.watch_children(self.paths.nodes, lambda _: self._wake.set())
-                await self._lead()
+                probe = asyncio.create_task(self._probe_loop(), name="probe")
+                try:
+                    await self._lead()
+                finally:
+                    probe.cancel()
+                    await asyncio.gather(probe, return_exceptions=True)
                 self.leading = False
         finally:
             await self.peers.close()
@@ -111,6 +135,7 @@ class Controller:
 
     async def _lead(self) -> None:
         while self.leading and not self._stop.is_set():
+            self._wake.clear()
             if self.coord.connected:
                 try:
                     await self.reconcile()
@@ -118,7 +143,6 @@ class Controller:
                     log.warning("reconcile interrupted: %s", exc)
                 except Exception:
                     log.exception("reconcile failed")
-            self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), self.options.interval)
             except TimeoutError:
@@ -129,7 +153,8 @@ class Controller:
         config = await self._ensure_config()
         view = await directory.read_view(self.coord, self.paths)
         self.peers.update({n: r.address for n, r in view.nodes.items()})
-        live = {n for n in view.live if n in view.nodes}
+        self._live = {n for n in view.live if n in view.nodes}
+        live = self._live - self.refusing
         pmap = view.map
         if pmap is None:
             members = [Member(n, view.nodes[n].domain) for n in sorted(live)
@@ -142,11 +167,54 @@ class Controller:
             pmap = await directory.read_map(self.coord, self.paths)
             if pmap is None:
                 return
-        orphaned = [a for a in pmap.assignments
+        elif not self._announced:
+            # A predecessor may have written a leader and died before bumping the map
+            # version; bump once so every node re-reads the map it may have missed.
+            await self._bump_version()
+        self._announced = True
+        orphaned = [a.partition for a in pmap.assignments
                     if (a.leader is None or a.leader not in live)
                     and a.partition not in self._electing]
         if orphaned:
-            await self._elect_all([a.partition for a in orphaned], live)
+            await self._elect_all(orphaned, live, set())
+        leaving = set(await self.coord.children(self.paths.leaving)) & live
+        handing = [a.partition for a in pmap.assignments
+                   if a.leader in leaving and a.partition not in self._electing]
+        if handing:
+            log.info("moving leadership off leaving nodes=%s partitions=%d", sorted(leaving),
+                     len(handing))
+            await self._elect_all(handing, live, leaving)
+        await self._promote(view.nodes, view.live, pmap, live)
+        if not orphaned and not handing:
+            await self._rebalance_leaders(pmap, live - leaving)
+
+    async def _rebalance_leaders(self, pmap: PartitionMap, live: set[str]) -> None:
+        """Move leaderships back to their planned replica (the first of each set) where a
+        node leads more than one partition beyond it, a few at a time and at most every
+        `rebalance_interval`, through the hand-off path (no lease wait, no failover)."""
+        now = asyncio.get_running_loop().time()
+        if now - self._last_rebalance < self.options.rebalance_interval:
+            return
+        counts = dict.fromkeys(live, 0)
+        for a in pmap.assignments:
+            if a.leader in counts:
+                counts[a.leader] += 1
+        moves: list[Assignment] = []
+        for a in pmap.assignments:
+            preferred = a.replicas[0] if a.replicas else None
+            if (a.leader in counts and preferred in counts and preferred != a.leader
+                    and counts[a.leader] > counts[preferred] + 1 and len(moves) < 4):
+                counts[a.leader] -= 1
+                counts[preferred] += 1
+                moves.append(a)
+        if not moves:
+            return
+        self._last_rebalance = now
+        log.info("rebalancing leaders moves=%s",
+                 [(a.partition, a.leader, a.replicas[0]) for a in moves])
+        for a in moves:
+            assert a.leader is not None
+            await self._elect_all([a.partition], live, {a.leader})
 
     async def _ensure_config(self) -> dict[str, Any]:
         found = await directory.read_config(self.coord, self.paths)
@@ -184,12 +252,12 @@ class Controller:
         await self._bump_version()
         log.info("placed %d partitions on %d nodes replication=%d", q, len(members), rf)
 
-    async def _elect_all(self, partitions: list[int], live: set[str]) -> None:
+    async def _elect_all(self, partitions: list[int], live: set[str], avoid: set[str]) -> None:
         gate = asyncio.Semaphore(ELECTION_CONCURRENCY)
 
         async def one(p: int) -> bool:
             async with gate:
-                return await self.elect(p, live)
+                return await self.elect(p, live, avoid)
 
         self._electing.update(partitions)
         try:
@@ -207,8 +275,11 @@ class Controller:
         if not all(r is True for r in results):
             self._wake.set()
 
-    async def elect(self, p: int, live: set[str]) -> bool:
-        """Choose partition p's leader in a fresh epoch. True once the map names one."""
+    async def elect(self, p: int, live: set[str], avoid: set[str] | None = None) -> bool:
+        """Choose partition p's leader in a fresh epoch. True once the map names one.
+
+        Replicas in `avoid` (leaving nodes) are chosen only when no other replica holds
+        the highest log position among those that promised."""
         found = await self.coord.get_json(self.paths.partition(p))
         if found is None:
             return False
@@ -224,12 +295,15 @@ class Controller:
         epoch = current.epoch + 1
         reserved = Assignment(p, epoch, None, current.replicas, current.learners)
         version = await self.coord.set_json(self.paths.partition(p), reserved.to_json(), version)
-        promised = await self._promises(p, epoch, current)
+        promised = await self._promises(p, epoch, current, avoid or set())
         if len(promised) < majority(len(current.replicas)):
             log.warning("no promise majority partition=%d epoch=%d promised=%s", p, epoch,
                         sorted(promised))
             return False
-        leader = choose_leader(promised, current.replicas)
+        best = max(promised.values())
+        preferred = {n: pos for n, pos in promised.items() if n not in (avoid or set())}
+        leader = choose_leader(preferred if preferred and max(preferred.values()) == best
+                               else promised, current.replicas)
         chosen = Assignment(p, epoch, leader, current.replicas, current.learners)
         if not self.coord.connected or not self.leading:
             return False
@@ -242,28 +316,26 @@ class Controller:
                  {n: f"{pos.epoch}.{pos.index}" for n, pos in promised.items()})
         return True
 
-    async def _promises(self, p: int, epoch: int, a: Assignment) -> dict[str, LogPosition]:
-        """Ask every replica to promise `epoch`; return once a majority did (or all answered)."""
+    async def _promises(self, p: int, epoch: int, a: Assignment, leaving: set[str]
+                        ) -> dict[str, LogPosition]:
+        """Ask every replica to promise `epoch`; return once a majority did (or all answered).
+
+        In a hand-off (the current leader is leaving and alive) the leader is asked first:
+        once it has promised it serves no LEASE read, so the others are told they need not
+        wait out the lease they granted it."""
         request = replica_pb2.PromiseRequest(partition=p, epoch=epoch, replicas=a.replicas,
                                              learners=a.learners)
         need = majority(len(a.replicas))
         granted: dict[str, LogPosition] = {}
-
-        async def ask(node: str) -> tuple[str, replica_pb2.PromiseResponse | None]:
-            stub = self.peers.stub(node)
-            if stub is None:
-                return node, None
-            for _ in range(8):
-                try:
-                    response = await stub.Promise(request, timeout=PROMISE_TIMEOUT)
-                except grpc.aio.AioRpcError:
-                    return node, None
-                if response.promised or not response.retry_after_ms:
-                    return node, response
-                await asyncio.sleep(min(response.retry_after_ms / 1000, 2.0))
-            return node, None
-
-        pending = {asyncio.ensure_future(ask(n)) for n in a.replicas}
+        first: list[str] = []
+        if a.leader and a.leader in leaving:
+            node, response = await self._ask_promise(a.leader, request)
+            if response is not None and response.promised:
+                granted[node] = LogPosition(response.last_epoch, response.last_index)
+                request.leader_released = True
+                first.append(node)
+        others = [n for n in a.replicas if n not in first]
+        pending = {asyncio.ensure_future(self._ask_promise(n, request)) for n in others}
         try:
             while pending and len(granted) < need:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -278,6 +350,89 @@ class Controller:
             for task in pending:
                 task.cancel()
         return granted
+
+    async def _ask_promise(self, node: str, request: replica_pb2.PromiseRequest
+                           ) -> tuple[str, replica_pb2.PromiseResponse | None]:
+        """One replica's answer, waiting out a running lease (bounded); None if unreachable."""
+        stub = self.peers.stub(node)
+        if stub is None:
+            return node, None
+        for _ in range(8):
+            try:
+                response = await stub.Promise(request, timeout=PROMISE_TIMEOUT)
+            except grpc.aio.AioRpcError:
+                return node, None
+            if response.promised or not response.retry_after_ms:
+                return node, response
+            await asyncio.sleep(min(response.retry_after_ms / 1000, 2.0))
+        return node, None
+
+    async def _probe_loop(self) -> None:
+        """Health-probe every live node; a refused connection marks it down at once."""
+        while self.leading:
+            await asyncio.sleep(self.options.probe_interval)
+            results = await asyncio.gather(*(self._probe(n) for n in sorted(self._live)))
+            refusing = {n for n, refused in zip(sorted(self._live), results, strict=True)
+                        if refused}
+            if refusing != self.refusing:
+                if refusing - self.refusing:
+                    log.warning("nodes refuse connections: %s", sorted(refusing - self.refusing))
+                self.refusing = refusing
+                self._wake.set()
+
+    async def _probe(self, node: str) -> bool:
+        """True if `node` refuses connections (its process is gone); False otherwise,
+        including a timeout: a frozen or slow node is left to its ZooKeeper session."""
+        channel = self.peers.channel(node)
+        if channel is None:
+            return False
+        try:
+            await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=PROBE_TIMEOUT)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code() == grpc.StatusCode.UNAVAILABLE
+        return False
+
+    async def _promote(self, nodes: dict[str, NodeRecord], live: dict[str, dict[str, Any]],
+                       pmap: PartitionMap, serving: set[str]) -> None:
+        """Record the incarnation of a rejoined node once it has caught up everywhere."""
+        for node, data in live.items():
+            record = nodes.get(node)
+            incarnation = str(data.get("incarnation", ""))
+            if record is None or not incarnation or record.incarnation == incarnation:
+                continue
+            if await self._caught_up(node, pmap, serving):
+                found = await self.coord.get_json(self.paths.node(node))
+                if found is None:
+                    continue
+                updated, version = found
+                updated["incarnation"] = incarnation
+                try:
+                    await self.coord.set_json(self.paths.node(node), updated, version)
+                    log.info("promoted node=%s incarnation=%s", node, incarnation)
+                except VersionConflict:
+                    self._wake.set()
+
+    async def _caught_up(self, node: str, pmap: PartitionMap, serving: set[str]) -> bool:
+        stub = self.peers.stub(node)
+        if stub is None:
+            return False
+        for a in pmap.assignments:
+            if node not in a.replicas and node not in a.learners:
+                continue
+            leader = self.peers.stub(a.leader) if a.leader in serving and a.leader else None
+            if leader is None:
+                return False
+            try:
+                theirs = await leader.Digest(replica_pb2.DigestRequest(partition=a.partition),
+                                             timeout=PROMISE_TIMEOUT * 5)
+                ours = await stub.Digest(replica_pb2.DigestRequest(partition=a.partition),
+                                         timeout=PROMISE_TIMEOUT * 5)
+            except grpc.aio.AioRpcError:
+                return False
+            if ours.last_index < theirs.applied_index:
+                return False
+        return True
 
     async def _bump_version(self) -> None:
         for _ in range(10):

@@ -16,6 +16,7 @@ import click
 from storage.controller import ControllerOptions, run_controller
 from storage.node import NodeError, NodeOptions, run_node
 from storage.partition import DEFAULT_PARTITIONS, DEFAULT_REPLICATION
+from storage.snapshot import DEFAULT_RETAIN_BYTES, DEFAULT_RETAIN_ENTRIES
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
@@ -53,16 +54,23 @@ verbose_option = click.option("-v", "--verbose", count=True, help="-v info, -vv 
               show_default=True,
               help="always: fsync before acknowledging (survives power loss); never: the "
                    "WAL is written, not fsynced (survives a process kill).")
+@click.option("--log-retain-entries", envvar="RINGSTORE_LOG_RETAIN_ENTRIES",
+              type=click.IntRange(min=1), default=DEFAULT_RETAIN_ENTRIES, show_default=True,
+              help="Log entries kept per partition; a follower further behind gets a snapshot.")
+@click.option("--log-retain-bytes", envvar="RINGSTORE_LOG_RETAIN_BYTES",
+              type=click.IntRange(min=1), default=DEFAULT_RETAIN_BYTES, show_default=True,
+              help="About this many bytes of log kept per partition.")
 @session_option
 @verbose_option
 def node_command(node_id: str, listen: str, advertise: str, data_dir: Path, zk: str,
-                 cluster: str, domain: str, sync: str, session_timeout: float,
-                 verbose: int) -> None:
+                 cluster: str, domain: str, sync: str, log_retain_entries: int,
+                 log_retain_bytes: int, session_timeout: float, verbose: int) -> None:
     """Run a storage node until SIGTERM."""
     configure_logging(max(verbose, 1))
     options = NodeOptions(node_id=node_id, listen=listen, data_dir=data_dir, zk=zk,
                           cluster=cluster, domain=domain, sync=sync == "always",
-                          session_timeout=session_timeout, advertise=advertise)
+                          session_timeout=session_timeout, advertise=advertise,
+                          retain_entries=log_retain_entries, retain_bytes=log_retain_bytes)
     try:
         asyncio.run(run_node(options))
     except NodeError as exc:

@@ -7,6 +7,7 @@ Layout under `<chroot>/<cluster>/storage/` (DESIGN §7):
   partitions          data: {"version": N}, bumped after every change below it
   partitions/<pppp>   {"epoch", "leader", "replicas", "learners"}, written only by the controller
   controller/         election of the controller; a contender's data is its id/address
+  leaving/<node>      ephemeral: the node is stopping and asks to have its leadership moved
 
 All access goes through `scheduler.coord` (the only kazoo user).
 """
@@ -34,12 +35,16 @@ class Paths:
         self.partitions = f"{base}/partitions"
         self.controller = f"{base}/controller"
         self.desired = f"{base}/desired"
+        self.leaving = f"{base}/leaving"
 
     def node(self, node_id: str) -> str:
         return f"{self.nodes}/{node_id}"
 
     def live_node(self, node_id: str) -> str:
         return f"{self.live}/{node_id}"
+
+    def leaving_node(self, node_id: str) -> str:
+        return f"{self.leaving}/{node_id}"
 
     def partition(self, p: int) -> str:
         return f"{self.partitions}/{p:04d}"

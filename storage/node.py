@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import signal
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from scheduler.coord import Coordinator, NodeExists
+from scheduler.deadline import async_poll_for
 from storage import directory, limits
 from storage.directory import NodeRecord, Paths
 from storage.engine import Engine, EngineLocked
@@ -42,6 +44,7 @@ from storage.partition import PartitionMap, partition_of
 from storage.peers import Peers
 from storage.replica import Replicas, Tuning
 from storage.service import KVService, ReplicaService
+from storage.snapshot import DEFAULT_RETAIN_BYTES, DEFAULT_RETAIN_ENTRIES
 from storage.v1 import kv_pb2, kv_pb2_grpc, replica_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -69,6 +72,8 @@ class NodeOptions:
     sync: bool = False
     session_timeout: float = 4.0
     advertise: str = ""
+    retain_entries: int = DEFAULT_RETAIN_ENTRIES  # log retention per partition
+    retain_bytes: int = DEFAULT_RETAIN_BYTES
 
 
 class StorageNode:
@@ -93,6 +98,7 @@ class StorageNode:
         self._refresh_again = False
         self._stopped = asyncio.Event()
         self._register_task: asyncio.Task[None] | None = None
+        self.draining = False  # leadership is being handed off: refuse new writes
 
     # -- NodeView (for the servicers) -------------------------------------------------
 
@@ -156,7 +162,8 @@ class StorageNode:
         await self._claim_live_name()
         voter = await self._check_incarnation(fresh)
         self.replicas = Replicas(self.engine, self.node_id, self.peers, hint=self.hint,
-                                 voter=voter, tuning=Tuning())
+                                 voter=voter, tuning=Tuning(retain_entries=opts.retain_entries,
+                                                            retain_bytes=opts.retain_bytes))
         await self._serve()
         await self._register()
         self.coord.on_state(self._on_session_state)
@@ -165,6 +172,7 @@ class StorageNode:
         self.coord.watch_data(self.paths.partitions, lambda *_: self._schedule_refresh())
         self.coord.watch_children(self.paths.nodes, lambda _: self._schedule_refresh())
         self.coord.watch_children(self.paths.live, lambda _: self._schedule_refresh())
+        self.coord.watch_data(self.paths.node(self.node_id), self._on_own_record)
         self.status = Status.RUNNING
         log.info("node running node=%s address=%s incarnation=%s voter=%s data_dir=%s "
                  "session_timeout_ms=%s", self.node_id, self.address, self.incarnation, voter,
@@ -273,6 +281,58 @@ class StorageNode:
                                          ephemeral=True, makepath=True)
         self._schedule_refresh()
 
+    def _on_own_record(self, data: bytes | None, _stat: object) -> None:
+        """Vote once the controller records this directory's incarnation (promotion)."""
+        if data is None or self.replicas is None or self.replicas.voter:
+            return
+        try:
+            recorded = json.loads(data).get("incarnation")
+        except ValueError:
+            return
+        if recorded == self.incarnation:
+            log.info("promoted: this data directory now votes node=%s incarnation=%s",
+                     self.node_id, self.incarnation)
+            self.replicas.set_voter(True)
+
+    async def hand_off(self, timeout: float = 10.0) -> None:
+        """Move every leadership of this node to a caught-up follower before stopping.
+
+        New writes are refused (UNAVAILABLE, retriable) while in-flight ones commit and
+        followers catch up; then `leaving/<node>` asks the controller to move each
+        leadership through the Promise path. Bounded by `timeout`; a node that cannot hand
+        off in time stops anyway and its partitions fail over."""
+        if self.replicas is None or self.coord is None or not self.replicas.led_partitions():
+            return
+        replicas = self.replicas
+        if not replicas.can_hand_off(self.live):
+            log.warning("no live follower to take over; stopping without hand-off node=%s",
+                        self.node_id)
+            return
+        started = time.monotonic()
+        self.draining = True
+        log.info("handing off leadership node=%s partitions=%d", self.node_id,
+                 len(replicas.led_partitions()))
+        try:
+            await async_poll_for(lambda: replicas.followers_caught_up(self.live),
+                                 min(2.0, timeout / 2), interval=0.01,
+                                 what="followers to catch up")
+        except TimeoutError:
+            log.warning("followers not caught up; handing off anyway node=%s", self.node_id)
+        try:
+            await self.coord.create(self.paths.leaving_node(self.node_id), ephemeral=True,
+                                    makepath=True)
+        except NodeExists:
+            pass
+        try:
+            await async_poll_for(lambda: not replicas.led_partitions(),
+                                 max(0.1, timeout - (time.monotonic() - started)),
+                                 interval=0.02, what="leadership to move")
+            log.info("leadership handed off node=%s in %.2fs", self.node_id,
+                     time.monotonic() - started)
+        except TimeoutError:
+            log.warning("leadership hand-off timed out node=%s still_leading=%d",
+                        self.node_id, len(replicas.led_partitions()))
+
     def _on_session_restart(self) -> None:
         # The old session's ephemeral nodes are gone: register liveness again.
         self._register_task = asyncio.create_task(self._register(), name="re-register")
@@ -357,6 +417,7 @@ async def run_node(options: NodeOptions) -> None:
         print(json.dumps({"node": node.node_id, "address": node.address, "pid": os.getpid()}),
               flush=True)
         await stop.wait()
+        await node.hand_off()
     finally:
         await node.close()
 

@@ -48,19 +48,28 @@ class Peers:
         return self._addresses.get(node_id, "")
 
     def stub(self, node_id: str) -> replica_pb2_grpc.ReplicaAsyncStub | None:
+        held = self._held(node_id)
+        return held[2] if held else None
+
+    def channel(self, node_id: str) -> grpc.aio.Channel | None:
+        held = self._held(node_id)
+        return held[1] if held else None
+
+    def _held(self, node_id: str
+              ) -> tuple[str, grpc.aio.Channel, replica_pb2_grpc.ReplicaAsyncStub] | None:
         address = self._addresses.get(node_id)
         if not address:
             return None
         held = self._channels.get(node_id)
         if held is not None and held[0] == address:
-            return held[2]
+            return held
         if held is not None:
             self._retired.append(held[1])
         channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         stub: replica_pb2_grpc.ReplicaAsyncStub = replica_pb2_grpc.ReplicaStub(channel)
         self._channels[node_id] = (address, channel, stub)
         log.debug("peer channel node=%s address=%s", node_id, address)
-        return stub
+        return self._channels[node_id]
 
     async def close(self) -> None:
         channels = [held[1] for held in self._channels.values()] + self._retired

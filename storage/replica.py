@@ -20,15 +20,24 @@ Invariants:
   no-op of its epoch is committed, nor while its ZooKeeper session is not known alive.
 - Everything between reading replica state and writing the engine batch runs without
   an `await`, so asyncio interleaving cannot split a decision from its effect.
+- Log retention (`_compact`, in the apply batch): a partition's log keeps about
+  `Tuning.retain_entries` entries and `retain_bytes` bytes; only applied entries are
+  deleted, in the same engine batch that moves the meta's base to the last one deleted.
+  While a snapshot is being sent, entries after its position are kept.
+- A follower whose next index is at or below the leader's base gets a snapshot
+  (`_send_snapshot`, at most one per (peer, partition) at a time, retried with bounded
+  backoff) and then the log tail; it installs a snapshot all or nothing
+  (`install_snapshot`, see `storage/snapshot.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 import grpc
@@ -60,6 +69,19 @@ from storage.replication import (
     decide_promise,
     majority,
 )
+from storage.snapshot import (
+    DEFAULT_RETAIN_BYTES,
+    DEFAULT_RETAIN_ENTRIES,
+    Retention,
+    Section,
+    SnapshotHeader,
+    SnapshotInstall,
+    SnapshotRejected,
+    SnapshotSource,
+    SnapshotTrailer,
+    decide_install,
+    retention_cut,
+)
 from storage.v1 import kv_pb2, replica_pb2
 
 log = logging.getLogger(__name__)
@@ -73,7 +95,7 @@ TAIL_CACHE_ENTRIES = 20_000
 
 @dataclass(frozen=True)
 class Tuning:
-    """Timing knobs of the replication shell (seconds)."""
+    """Knobs of the replication shell: timings (seconds) and log retention."""
 
     heartbeat: float = 0.2
     append_timeout: float = 2.0
@@ -82,6 +104,10 @@ class Tuning:
     retry_min: float = 0.05
     retry_max: float = 1.0
     confirm_fallback: float = 0.05
+    retain_entries: int = DEFAULT_RETAIN_ENTRIES  # log entries kept per partition
+    retain_bytes: int = DEFAULT_RETAIN_BYTES  # about this many log bytes per partition
+    snapshot_timeout: float = 120.0  # one whole snapshot stream
+    snapshot_retry_max: float = 5.0  # the longest pause between snapshot attempts
 
 
 @dataclass
@@ -100,6 +126,9 @@ class PartitionReplica:
     lease_epoch: int = 0
     lease_acked_at: float = float("-inf")
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    log_bytes: int = 0  # bytes of the entries in (base, last], approximately
+    sending: dict[str, int] = field(default_factory=dict)  # peer -> index of a snapshot
+    # being sent to it (retention keeps the entries after it)
 
     @property
     def base(self) -> LogPosition:
@@ -144,6 +173,11 @@ class Replicas:
         self._led: dict[int, PartitionReplica] = {}
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._closed = False
+        self._started = time.monotonic()
+        self._retention = Retention(self.tuning.retain_entries, self.tuning.retain_bytes)
+        self._snapshots: dict[tuple[str, int], asyncio.Task[None]] = {}
+        # (peer, partition) -> (failed attempts, retry not before, failed as unreachable)
+        self._snapshot_failures: dict[tuple[str, int], tuple[int, float, bool]] = {}
         self._load()
 
     # -- lifecycle ---------------------------------------------------------------
@@ -164,7 +198,10 @@ class Replicas:
             last = LogPosition(entry.epoch if entry else 0, last_index)
         else:
             last = LogPosition(meta.base_epoch, meta.base_index)
-        return PartitionReplica(p, meta, last, voter=self.voter)
+        r = PartitionReplica(p, meta, last, voter=self.voter)
+        # One scan of the retained log (bounded by retention) restores its byte count.
+        r.log_bytes = sum(len(raw) for _, raw in self.engine.log_entries(p, meta.base_index + 1))
+        return r
 
     def start(self) -> None:
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
@@ -180,7 +217,10 @@ class Replicas:
             self._heartbeat_task.cancel()
         for sender in self._senders.values():
             sender.close()
-        await asyncio.gather(*(s.task for s in self._senders.values() if s.task),
+        snapshots = list(self._snapshots.values())
+        for task in snapshots:
+            task.cancel()
+        await asyncio.gather(*(s.task for s in self._senders.values() if s.task), *snapshots,
                              return_exceptions=True)
         if self._heartbeat_task is not None:
             await asyncio.gather(self._heartbeat_task, return_exceptions=True)
@@ -202,6 +242,30 @@ class Replicas:
 
     def led_partitions(self) -> list[int]:
         return sorted(self._led)
+
+    def set_voter(self, voter: bool) -> None:
+        """Whether this node's replicas promise and count in quorums (false for a wiped
+        directory until the controller records its incarnation)."""
+        self.voter = voter
+        for r in self._replicas.values():
+            r.voter = voter
+
+    def can_hand_off(self, live: set[str]) -> bool:
+        """Every partition this node leads has enough live voting followers that a new
+        epoch can be promised without this node's vote counting twice."""
+        return all(
+            sum(1 for q in lp.peers if q in lp.voting and q in live)
+            >= majority(len(lp.replicas)) - 1
+            for r in self._led.values() if (lp := r.leader) is not None
+        )
+
+    def followers_caught_up(self, live: set[str]) -> bool:
+        """Every live voting follower of every partition this node leads holds its log."""
+        return all(
+            lp.match[q] >= lp.last_index
+            for r in self._led.values() if (lp := r.leader) is not None
+            for q in lp.peers if q in lp.voting and q in live
+        )
 
     # -- roles (from the partition map) --------------------------------------------
 
@@ -248,6 +312,10 @@ class Replicas:
     def _step_down(self, r: PartitionReplica, why: str) -> None:
         lp, r.leader = r.leader, None
         self._led.pop(r.partition, None)
+        for key in [k for k in self._snapshots if k[1] == r.partition]:
+            self._snapshots[key].cancel()
+        for key in [k for k in self._snapshot_failures if k[1] == r.partition]:
+            del self._snapshot_failures[key]
         r.confirm_need.clear()
         if lp is not None:
             log.info("stepped down partition=%d epoch=%d reason=%s", r.partition, lp.epoch, why)
@@ -301,7 +369,9 @@ class Replicas:
                 continue
             index = r.last.index + 1
             entry.index = index
-            batch.put_log(r.partition, index, entry.SerializeToString())
+            raw = entry.SerializeToString()
+            batch.put_log(r.partition, index, raw)
+            r.log_bytes += len(raw)
             r.tail[index] = entry
             r.last = LogPosition(entry.epoch, index)
             if future is not None:
@@ -456,6 +526,7 @@ class Replicas:
                     done.append((future, result))
             r.meta = replace(r.meta, commit_index=max(r.meta.commit_index, commit),
                                    applied_index=commit)
+            self._compact(r, batch)
             batch.put_meta(meta_key(p), encode_meta(r.meta))
             applied.append(r)
         self.engine.write(batch)
@@ -475,7 +546,39 @@ class Replicas:
             for index in [i for i in r.tail if i <= floor]:
                 del r.tail[index]
 
+    def _compact(self, r: PartitionReplica, batch: Batch) -> None:
+        """Log retention: once the log is over its limits (with slack, so this is not work
+        per apply), stage the deletion of its oldest applied entries and the move of base
+        in `batch`. Reads only the entries it deletes (and one more)."""
+        base, last = r.meta.base_index, r.last.index
+        if not self._retention.over(last - base, r.log_bytes):
+            return
+        ceiling = min([r.meta.applied_index, *r.sending.values()])
+        sizes = self.engine.log_entries(r.partition, base + 1, ceiling + 1)
+        try:
+            cut, removed = retention_cut(
+                self._retention, base=base, last=last, ceiling=ceiling, log_bytes=r.log_bytes,
+                sizes=((index, len(raw)) for index, raw in sizes))
+        finally:
+            sizes.close()  # type: ignore[attr-defined]  # a generator: releases the iterator
+        if cut <= base:
+            return
+        epoch = self._epoch_at(r, cut)
+        if epoch is None:
+            log.error("log compaction found no entry partition=%d index=%d", r.partition, cut)
+            return
+        batch.delete_log_range(r.partition, 0, cut + 1)
+        r.meta = replace(r.meta, base_epoch=epoch, base_index=cut)
+        r.log_bytes -= removed
+        for index in [i for i in r.tail if i <= cut]:
+            del r.tail[index]
+        log.debug("log compacted partition=%d base=%d.%d entries=%d bytes=%d", r.partition,
+                  epoch, cut, last - cut, r.log_bytes)
+
     def _entry(self, r: PartitionReplica, index: int) -> replica_pb2.LogEntry | None:
+        """The entry at `index` if the retained log (base, last] holds it."""
+        if index <= r.meta.base_index:
+            return None
         entry = r.tail.get(index)
         if entry is not None:
             return entry
@@ -487,7 +590,7 @@ class Replicas:
             return 0
         if index == r.meta.base_index:
             return r.meta.base_epoch
-        if index > r.last.index:
+        if index > r.last.index or index < r.meta.base_index:
             return None
         entry = self._entry(r, index)
         return entry.epoch if entry is not None else None
@@ -527,8 +630,7 @@ class Replicas:
                 continue
             nxt = lp.next[peer]
             if nxt <= r.meta.base_index:
-                log.warning("follower behind the retained log partition=%d peer=%s next=%d",
-                            r.partition, peer, nxt)
+                self._start_snapshot(r, lp, peer)  # then the log tail, from its position
                 continue
             prev_index = nxt - 1
             prev_epoch = self._epoch_at(r, prev_index)
@@ -556,6 +658,8 @@ class Replicas:
     def on_append_response(self, peer: str, seq: int, sent_at: float, sent: list[_Sent],
                            response: replica_pb2.AppendBatchResponse) -> bool:
         """Record a follower's answers; return True if more should be sent at once."""
+        if self._snapshot_failures:
+            self._peer_reachable(peer)
         results = {res.partition: res for res in response.results}
         committed: list[int] = []
         again = False
@@ -627,13 +731,17 @@ class Replicas:
         if decision.accepted:
             if decision.truncate_from is not None:
                 cut = decision.truncate_from
+                r.log_bytes -= sum(len(raw) for _, raw in
+                                   self.engine.log_entries(r.partition, cut, r.last.index + 1))
                 batch.delete_log_range(r.partition, cut, r.last.index + 1)
                 for index in [i for i in r.tail if i >= cut]:
                     del r.tail[index]
                 r.last = LogPosition(self._epoch_at(r, cut - 1) or 0, cut - 1)
                 log.info("truncated partition=%d from=%d", r.partition, cut)
             for entry in entries[decision.first_new:]:
-                batch.put_log(r.partition, entry.index, entry.SerializeToString())
+                raw = entry.SerializeToString()
+                batch.put_log(r.partition, entry.index, raw)
+                r.log_bytes += len(raw)
                 r.tail[entry.index] = entry
             if len(entries) > decision.first_new:
                 last = entries[len(entries) - 1]
@@ -657,8 +765,11 @@ class Replicas:
                        ) -> replica_pb2.PromiseResponse:
         r = self._replica(request.partition)
         lease_left = 0.0
-        if request.epoch > r.lease_epoch:
-            lease_left = self.tuning.lease - (time.monotonic() - r.lease_acked_at)
+        if request.epoch > r.lease_epoch and not request.leader_released:
+            # A restarted replica forgot whom it acknowledged: it honours a lease it may
+            # have granted just before it stopped by counting from its own start.
+            acked = max(r.lease_acked_at, self._started)
+            lease_left = self.tuning.lease - (time.monotonic() - acked)
         decision = decide_promise(
             promised_epoch=r.meta.promised_epoch, requested=request.epoch,
             can_vote=r.voter, lease_remaining_s=lease_left,
@@ -684,6 +795,168 @@ class Replicas:
             partition=p, digest=digest, applied_index=r.meta.applied_index, keys=keys,
             last_epoch=r.last.epoch, last_index=r.last.index,
         )
+
+    # -- snapshots: leader side ---------------------------------------------------------
+
+    def _start_snapshot(self, r: PartitionReplica, lp: LeaderProgress, peer: str) -> None:
+        """Send peer a snapshot of r, unless one is in flight or a retry is not yet due."""
+        key = (peer, r.partition)
+        if key in self._snapshots or self._closed:
+            return
+        failures, retry_at, _ = self._snapshot_failures.get(key, (0, 0.0, False))
+        if time.monotonic() < retry_at:
+            return
+        log.log(logging.INFO if failures % 10 == 0 else logging.DEBUG,
+                "follower behind the retained log: sending a snapshot partition=%d peer=%s "
+                "next=%d base=%d attempt=%d", r.partition, peer, lp.next[peer],
+                r.meta.base_index, failures + 1)
+        task = asyncio.create_task(self._send_snapshot(r, lp, peer),
+                                   name=f"snapshot-{peer}-{r.partition}")
+        self._snapshots[key] = task
+        task.add_done_callback(functools.partial(self._snapshot_done, key))
+
+    def _peer_reachable(self, peer: str) -> None:
+        """The peer answered: snapshots that failed only because it was unreachable are
+        due at once, not after their backoff (a restarted follower catches up sooner)."""
+        for key, (failures, _, unreachable) in list(self._snapshot_failures.items()):
+            if unreachable and key[0] == peer:
+                self._snapshot_failures[key] = (failures, 0.0, False)
+
+    def _snapshot_done(self, key: tuple[str, int], task: asyncio.Task[None]) -> None:
+        if self._snapshots.get(key) is task:
+            del self._snapshots[key]
+        if not task.cancelled() and task.exception() is not None:
+            log.error("snapshot sender crashed peer=%s partition=%d", *key,
+                      exc_info=task.exception())
+
+    async def _send_snapshot(self, r: PartitionReplica, lp: LeaderProgress, peer: str) -> None:
+        stub = self.peers.stub(peer)
+        if stub is None or r.leader is not lp:
+            return
+        # No await from reading the applied position to opening the iterators: the view
+        # is exactly the state at that position.
+        index = r.meta.applied_index
+        epoch = self._epoch_at(r, index)
+        if epoch is None:
+            log.error("no epoch for the applied index partition=%d index=%d", r.partition, index)
+            return
+        source = SnapshotSource(self.engine, SnapshotHeader(
+            r.partition, lp.epoch, epoch, index, self.node_id))
+        r.sending[peer] = index
+        started = time.monotonic()
+        response: replica_pb2.InstallSnapshotResponse | None = None
+        unreachable = False
+        try:
+            response = await stub.InstallSnapshot(_snapshot_stream(source),
+                                                  timeout=self.tuning.snapshot_timeout)
+            reason = response.reason
+        except grpc.aio.AioRpcError as exc:
+            reason = f"{exc.code().name}: {exc.details()}"
+            unreachable = exc.code() == grpc.StatusCode.UNAVAILABLE
+        except Exception as exc:  # e.g. reading the engine failed: retried like the rest
+            log.exception("snapshot stream failed partition=%d peer=%s", r.partition, peer)
+            reason = f"stream failed: {exc!r}"
+        finally:
+            source.close()
+            if r.sending.get(peer) == index:
+                del r.sending[peer]
+        key = (peer, r.partition)
+        if response is not None and response.accepted:
+            self._snapshot_failures.pop(key, None)
+            t = source.trailer()
+            log.info("snapshot sent partition=%d peer=%s position=%d.%d keys=%d requests=%d "
+                     "bytes=%d seconds=%.3f", r.partition, peer, epoch, index, t.data_items,
+                     t.request_items, source.bytes, time.monotonic() - started)
+            if r.leader is lp:
+                lp.next[peer] = max(lp.next[peer], index + 1)
+                lp.match[peer] = max(lp.match[peer], index)
+                r.notify()
+                self._sender(peer).wake()
+            return
+        if r.leader is lp and response is not None:
+            if response.promised_epoch > lp.epoch:
+                self._step_down(r, f"{peer} promised epoch {response.promised_epoch}")
+                return
+            if response.last_index > r.meta.base_index:  # it holds enough: back to the log
+                lp.next[peer] = max(1, min(response.last_index + 1, r.last.index + 1))
+        failures = self._snapshot_failures.get(key, (0, 0.0, False))[0] + 1
+        delay = min(self.tuning.snapshot_retry_max,
+                    self.tuning.retry_min * 2 ** min(failures, 10)) * (0.5 + random.random() / 2)
+        self._snapshot_failures[key] = (failures, time.monotonic() + delay, unreachable)
+        level = logging.WARNING if failures == 1 or failures % 10 == 0 else logging.DEBUG
+        log.log(level, "snapshot not installed partition=%d peer=%s failures=%d retry_in=%.2fs "
+                "reason=%s", r.partition, peer, failures, delay, reason)
+
+    # -- snapshots: follower side ---------------------------------------------------------
+
+    async def install_snapshot(self, chunks: AsyncIterable[replica_pb2.SnapshotChunk]
+                               ) -> replica_pb2.InstallSnapshotResponse:
+        """Receive a snapshot stream and install it all or nothing (storage/snapshot.py)."""
+        header: SnapshotHeader | None = None
+        install: SnapshotInstall | None = None
+        started = time.monotonic()
+        accepted, reason = False, ""
+        try:
+            async for chunk in chunks:
+                if install is None:
+                    header = _snapshot_header(chunk)
+                    self._check_install(self._replica(header.partition), header)
+                    log.info("snapshot receiving partition=%d epoch=%d position=%d.%d "
+                             "leader=%s", header.partition, header.epoch, header.base_epoch,
+                             header.base_index, header.leader_id)
+                    install = SnapshotInstall(self.engine, header)
+                    continue
+                if chunk.HasField("header"):
+                    raise SnapshotRejected("a second header")
+                if chunk.data:
+                    install.add(Section.DATA, [(i.key, i.value) for i in chunk.data])
+                if chunk.requests:
+                    install.add(Section.REQUESTS, [(i.key, i.value) for i in chunk.requests])
+                if chunk.HasField("trailer"):
+                    t = chunk.trailer
+                    install.finish(SnapshotTrailer(t.data_items, t.request_items, t.digest))
+            if install is None:
+                raise SnapshotRejected("an empty stream")
+            self._commit_snapshot(install, started)
+            accepted = True
+        except SnapshotRejected as exc:
+            reason = str(exc)
+        except Exception as exc:  # nothing was written: the batch is dropped with `install`
+            log.exception("snapshot install failed")
+            reason = f"install failed: {exc}"
+        p = header.partition if header is not None else 0
+        r = self._replicas.get(p)
+        if not accepted:
+            log.warning("snapshot refused partition=%d leader=%s reason=%s", p,
+                        header.leader_id if header else "?", reason)
+        return replica_pb2.InstallSnapshotResponse(
+            partition=p, accepted=accepted, reason=reason,
+            promised_epoch=r.meta.promised_epoch if r else 0,
+            last_epoch=r.last.epoch if r else 0, last_index=r.last.index if r else 0,
+            node_id=self.node_id)
+
+    def _check_install(self, r: PartitionReplica, header: SnapshotHeader) -> None:
+        reason = decide_install(header, promised_epoch=r.meta.promised_epoch,
+                                commit_index=r.meta.commit_index,
+                                leading_epoch=r.leader.epoch if r.leader else None)
+        if reason:
+            raise SnapshotRejected(reason)
+
+    def _commit_snapshot(self, install: SnapshotInstall, started: float) -> None:
+        """Re-check the fence, write the snapshot in one batch, reset the replica. No await."""
+        h = install.header
+        r = self._replica(h.partition)
+        self._check_install(r, h)
+        if r.leader is not None:
+            self._step_down(r, f"installing a snapshot of epoch {h.epoch}")
+        r.meta = install.commit(r.meta.promised_epoch)
+        r.last = LogPosition(h.base_epoch, h.base_index)
+        r.tail.clear()
+        r.log_bytes = 0
+        r.notify()
+        log.info("snapshot installed partition=%d epoch=%d position=%d.%d bytes=%d "
+                 "seconds=%.3f leader=%s", h.partition, h.epoch, h.base_epoch, h.base_index,
+                 install.bytes, time.monotonic() - started, h.leader_id)
 
     # -- errors --------------------------------------------------------------------
 
@@ -827,6 +1100,35 @@ def _apply_command(
         requests[(p, rkey)] = encode_result(result)
         batch.put_request(p, rkey, requests[(p, rkey)])
     return result
+
+
+def _snapshot_header(chunk: replica_pb2.SnapshotChunk) -> SnapshotHeader:
+    """The header that must open a snapshot stream, alone in its message."""
+    if not chunk.HasField("header"):
+        raise SnapshotRejected("the stream does not start with a header")
+    if chunk.data or chunk.requests or chunk.HasField("trailer"):
+        raise SnapshotRejected("the header must travel alone")
+    h = chunk.header
+    return SnapshotHeader(h.partition, h.epoch, h.base_epoch, h.base_index, h.leader_id)
+
+
+async def _snapshot_stream(source: SnapshotSource) -> AsyncIterator[replica_pb2.SnapshotChunk]:
+    """A snapshot as gRPC messages: header, item chunks, trailer; yields to the event loop
+    between chunks, and reads the engine one chunk at a time."""
+    h = source.header
+    yield replica_pb2.SnapshotChunk(header=replica_pb2.SnapshotHeader(
+        partition=h.partition, epoch=h.epoch, base_epoch=h.base_epoch,
+        base_index=h.base_index, leader_id=h.leader_id))
+    for section, items in source.chunks():
+        chunk = replica_pb2.SnapshotChunk()
+        target = chunk.data if section is Section.DATA else chunk.requests
+        for key, value in items:
+            target.add(key=key, value=value)
+        yield chunk
+        await asyncio.sleep(0)
+    t = source.trailer()
+    yield replica_pb2.SnapshotChunk(trailer=replica_pb2.SnapshotTrailer(
+        data_items=t.data_items, request_items=t.request_items, digest=t.digest))
 
 
 def _now_ms() -> int:

@@ -52,6 +52,7 @@ class NodeView(Protocol):
     """What the servicers need to know about the node (implemented by StorageNode)."""
 
     node_id: str
+    draining: bool
 
     @property
     def map_version(self) -> int: ...
@@ -121,6 +122,9 @@ class Operations:
     def command(self, req: WriteRequest) -> tuple[int, replica_pb2.Command]:
         """Validate a write and build its log command; returns (partition, command)."""
         limits.check_key(req.key)
+        if self.view.draining:
+            raise Unavailable("this node is handing its leadership to another replica; "
+                              "retry shortly")
         _check_request_id(req.request_id)
         now = _now_ms()
         if isinstance(req, kv_pb2.DeleteRequest):
@@ -398,6 +402,11 @@ class ReplicaService(replica_pb2_grpc.ReplicaServicer):
                      context: grpc.aio.ServicerContext[object, object]
                      ) -> replica_pb2.DigestResponse:
         return self.replicas.digest(request.partition)
+
+    async def InstallSnapshot(self, request_iterator: AsyncIterator[replica_pb2.SnapshotChunk],
+                              context: grpc.aio.ServicerContext[object, object]
+                              ) -> replica_pb2.InstallSnapshotResponse:
+        return await self.replicas.install_snapshot(request_iterator)
 
 
 def _now_ms() -> int:

@@ -295,8 +295,13 @@ class PromiseRequest(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     REPLICAS_FIELD_NUMBER: _builtins.int
     LEARNERS_FIELD_NUMBER: _builtins.int
+    LEADER_RELEASED_FIELD_NUMBER: _builtins.int
     partition: _builtins.int
     epoch: _builtins.int
+    leader_released: _builtins.bool
+    """The previous leader has itself promised `epoch` (a hand-off): it serves no LEASE read
+    any more, so a follower need not wait out the lease it granted it.
+    """
     @_builtins.property
     def replicas(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -308,10 +313,11 @@ class PromiseRequest(_message.Message):
         epoch: _builtins.int = ...,
         replicas: _abc.Iterable[_builtins.str] | None = ...,
         learners: _abc.Iterable[_builtins.str] | None = ...,
+        leader_released: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "learners", b"learners", "partition", b"partition", "replicas", b"replicas"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "leader_released", b"leader_released", "learners", b"learners", "partition", b"partition", "replicas", b"replicas"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -408,3 +414,167 @@ class DigestResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DigestResponse: _TypeAlias = DigestResponse  # noqa: Y015
+
+@_typing.final
+class SnapshotHeader(_message.Message):
+    """Snapshot transfer (DESIGN §6 catch-up): a leader streams a partition to a follower that
+    is behind its retained log. The stream is one header, then data and request-table items
+    (each chunk under ~1 MiB), then one trailer. The follower installs it in one engine
+    batch, only after the trailer's counts and digest match, or not at all.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTITION_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    BASE_EPOCH_FIELD_NUMBER: _builtins.int
+    BASE_INDEX_FIELD_NUMBER: _builtins.int
+    LEADER_ID_FIELD_NUMBER: _builtins.int
+    partition: _builtins.int
+    epoch: _builtins.int
+    """the sending leader's epoch: fenced like an Append"""
+    base_epoch: _builtins.int
+    """the log position the snapshot represents (the leader's"""
+    base_index: _builtins.int
+    """applied index when the stream's view was taken)"""
+    leader_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        partition: _builtins.int = ...,
+        epoch: _builtins.int = ...,
+        base_epoch: _builtins.int = ...,
+        base_index: _builtins.int = ...,
+        leader_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_epoch", b"base_epoch", "base_index", b"base_index", "epoch", b"epoch", "leader_id", b"leader_id", "partition", b"partition"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotHeader: _TypeAlias = SnapshotHeader  # noqa: Y015
+
+@_typing.final
+class SnapshotItem(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    key: _builtins.bytes
+    """without the partition prefix"""
+    value: _builtins.bytes
+    """data: the stored value record, byte for byte; requests: the result"""
+    def __init__(
+        self,
+        *,
+        key: _builtins.bytes = ...,
+        value: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotItem: _TypeAlias = SnapshotItem  # noqa: Y015
+
+@_typing.final
+class SnapshotTrailer(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_ITEMS_FIELD_NUMBER: _builtins.int
+    REQUEST_ITEMS_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    data_items: _builtins.int
+    request_items: _builtins.int
+    digest: _builtins.bytes
+    """sha256 over the header's position and every item in stream order"""
+    def __init__(
+        self,
+        *,
+        data_items: _builtins.int = ...,
+        request_items: _builtins.int = ...,
+        digest: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_items", b"data_items", "digest", b"digest", "request_items", b"request_items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotTrailer: _TypeAlias = SnapshotTrailer  # noqa: Y015
+
+@_typing.final
+class SnapshotChunk(_message.Message):
+    """One message of the stream: the header alone first, items in between (all data items
+    before any request item), the trailer alone last.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    TRAILER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> Global___SnapshotHeader: ...
+    @_builtins.property
+    def data(self) -> _containers.RepeatedCompositeFieldContainer[Global___SnapshotItem]: ...
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___SnapshotItem]: ...
+    @_builtins.property
+    def trailer(self) -> Global___SnapshotTrailer: ...
+    def __init__(
+        self,
+        *,
+        header: Global___SnapshotHeader | None = ...,
+        data: _abc.Iterable[Global___SnapshotItem] | None = ...,
+        requests: _abc.Iterable[Global___SnapshotItem] | None = ...,
+        trailer: Global___SnapshotTrailer | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "trailer", b"trailer"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "header", b"header", "requests", b"requests", "trailer", b"trailer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotChunk: _TypeAlias = SnapshotChunk  # noqa: Y015
+
+@_typing.final
+class InstallSnapshotResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTITION_FIELD_NUMBER: _builtins.int
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    PROMISED_EPOCH_FIELD_NUMBER: _builtins.int
+    LAST_EPOCH_FIELD_NUMBER: _builtins.int
+    LAST_INDEX_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    partition: _builtins.int
+    accepted: _builtins.bool
+    reason: _builtins.str
+    promised_epoch: _builtins.int
+    last_epoch: _builtins.int
+    """the follower's last log position after the call"""
+    last_index: _builtins.int
+    node_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        partition: _builtins.int = ...,
+        accepted: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        promised_epoch: _builtins.int = ...,
+        last_epoch: _builtins.int = ...,
+        last_index: _builtins.int = ...,
+        node_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "last_epoch", b"last_epoch", "last_index", b"last_index", "node_id", b"node_id", "partition", b"partition", "promised_epoch", b"promised_epoch", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InstallSnapshotResponse: _TypeAlias = InstallSnapshotResponse  # noqa: Y015

@@ -49,6 +49,11 @@ class ReplicaStub:
                 request_serializer=storage_dot_v1_dot_replica__pb2.DigestRequest.SerializeToString,
                 response_deserializer=storage_dot_v1_dot_replica__pb2.DigestResponse.FromString,
                 _registered_method=True)
+        self.InstallSnapshot = channel.stream_unary(
+                '/storage.v1.Replica/InstallSnapshot',
+                request_serializer=storage_dot_v1_dot_replica__pb2.SnapshotChunk.SerializeToString,
+                response_deserializer=storage_dot_v1_dot_replica__pb2.InstallSnapshotResponse.FromString,
+                _registered_method=True)
 
 
 class ReplicaServicer:
@@ -72,6 +77,13 @@ class ReplicaServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InstallSnapshot(self, request_iterator, context):
+        """Client-streaming from the leader: SnapshotChunk header, items..., trailer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReplicaServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +101,11 @@ def add_ReplicaServicer_to_server(servicer, server):
                     servicer.Digest,
                     request_deserializer=storage_dot_v1_dot_replica__pb2.DigestRequest.FromString,
                     response_serializer=storage_dot_v1_dot_replica__pb2.DigestResponse.SerializeToString,
+            ),
+            'InstallSnapshot': grpc.stream_unary_rpc_method_handler(
+                    servicer.InstallSnapshot,
+                    request_deserializer=storage_dot_v1_dot_replica__pb2.SnapshotChunk.FromString,
+                    response_serializer=storage_dot_v1_dot_replica__pb2.InstallSnapshotResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +189,33 @@ class Replica:
             '/storage.v1.Replica/Digest',
             storage_dot_v1_dot_replica__pb2.DigestRequest.SerializeToString,
             storage_dot_v1_dot_replica__pb2.DigestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InstallSnapshot(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/storage.v1.Replica/InstallSnapshot',
+            storage_dot_v1_dot_replica__pb2.SnapshotChunk.SerializeToString,
+            storage_dot_v1_dot_replica__pb2.InstallSnapshotResponse.FromString,
             options,
             channel_credentials,
             insecure,

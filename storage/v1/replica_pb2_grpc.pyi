@@ -36,6 +36,8 @@ class ReplicaStub:
     Append: _grpc.UnaryUnaryMultiCallable[_replica_pb2.AppendBatchRequest, _replica_pb2.AppendBatchResponse]
     Promise: _grpc.UnaryUnaryMultiCallable[_replica_pb2.PromiseRequest, _replica_pb2.PromiseResponse]
     Digest: _grpc.UnaryUnaryMultiCallable[_replica_pb2.DigestRequest, _replica_pb2.DigestResponse]
+    InstallSnapshot: _grpc.StreamUnaryMultiCallable[_replica_pb2.SnapshotChunk, _replica_pb2.InstallSnapshotResponse]
+    """Client-streaming from the leader: SnapshotChunk header, items..., trailer."""
 
 @_typing.type_check_only
 class ReplicaAsyncStub(ReplicaStub):
@@ -43,6 +45,8 @@ class ReplicaAsyncStub(ReplicaStub):
     Append: _aio.UnaryUnaryMultiCallable[_replica_pb2.AppendBatchRequest, _replica_pb2.AppendBatchResponse]  # type: ignore[assignment]
     Promise: _aio.UnaryUnaryMultiCallable[_replica_pb2.PromiseRequest, _replica_pb2.PromiseResponse]  # type: ignore[assignment]
     Digest: _aio.UnaryUnaryMultiCallable[_replica_pb2.DigestRequest, _replica_pb2.DigestResponse]  # type: ignore[assignment]
+    InstallSnapshot: _aio.StreamUnaryMultiCallable[_replica_pb2.SnapshotChunk, _replica_pb2.InstallSnapshotResponse]  # type: ignore[assignment]
+    """Client-streaming from the leader: SnapshotChunk header, items..., trailer."""
 
 class ReplicaServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -65,5 +69,13 @@ class ReplicaServicer(metaclass=_abc_1.ABCMeta):
         request: _replica_pb2.DigestRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_replica_pb2.DigestResponse, _abc.Awaitable[_replica_pb2.DigestResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def InstallSnapshot(
+        self,
+        request_iterator: _MaybeAsyncIterator[_replica_pb2.SnapshotChunk],
+        context: _ServicerContext,
+    ) -> _typing.Union[_replica_pb2.InstallSnapshotResponse, _abc.Awaitable[_replica_pb2.InstallSnapshotResponse]]:
+        """Client-streaming from the leader: SnapshotChunk header, items..., trailer."""
 
 def add_ReplicaServicer_to_server(servicer: ReplicaServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -78,7 +78,7 @@ def test_put_get_delete_cas_scan_batch(shared_cluster: LocalCluster) -> None:
 def test_written_through_one_node_read_through_another(shared_cluster: LocalCluster) -> None:
     key = b"cross-node"
     leader, follower = leader_and_follower(shared_cluster, key)
-    put = stub(leader).Put(kv_pb2.PutRequest(key=key, value=b"v"), timeout=5)
+    put = stub(leader).Put(kv_pb2.PutRequest(key=key, value=b"v"), timeout=15)
     # A client bootstrapped only from the follower reads it linearizably (it is routed).
     with Client([follower], timeout=10) as client:
         got = client.get(key)
@@ -87,7 +87,7 @@ def test_written_through_one_node_read_through_another(shared_cluster: LocalClus
     # The follower itself has applied it (FOLLOWER reads, possibly stale: poll).
     def visible() -> bool:
         reply = stub(follower).Get(kv_pb2.GetRequest(key=key, consistency=kv_pb2.FOLLOWER),
-                                   timeout=5)
+                                   timeout=15)
         return reply.found and reply.value == b"v"
     poll_for(visible, 10, what="the follower to apply the write")
 
@@ -96,12 +96,12 @@ def test_non_leader_answers_not_leader_with_hint(shared_cluster: LocalCluster) -
     key = b"hinted"
     leader, follower = leader_and_follower(shared_cluster, key)
     with pytest.raises(grpc.RpcError) as failure:
-        stub(follower).Put(kv_pb2.PutRequest(key=key, value=b"v"), timeout=5)
+        stub(follower).Put(kv_pb2.PutRequest(key=key, value=b"v"), timeout=15)
     assert failure.value.code() == grpc.StatusCode.ABORTED
     detail = dict(failure.value.trailing_metadata() or ())["ringstore-error-bin"]
     parsed = kv_pb2.ErrorDetail.FromString(detail)
     assert parsed.kind == kv_pb2.NOT_LEADER and parsed.leader_address == leader
-    got = stub(leader).Get(kv_pb2.GetRequest(key=key), timeout=5)
+    got = stub(leader).Get(kv_pb2.GetRequest(key=key), timeout=15)
     assert not got.found  # refused before anything was appended
 
 
@@ -117,11 +117,11 @@ def test_server_rejects_bad_input_and_stores_nothing(shared_cluster: LocalCluste
                                                      value: bytes) -> None:
     leader = leader_and_follower(shared_cluster, key or b"x")[0]
     with pytest.raises(grpc.RpcError) as failure:
-        stub(leader).Put(kv_pb2.PutRequest(key=key, value=value), timeout=5)
+        stub(leader).Put(kv_pb2.PutRequest(key=key, value=value), timeout=15)
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     if key and len(key) <= 4096:
-        assert not stub(leader).Get(kv_pb2.GetRequest(key=key), timeout=5).found
-    with Client(shared_cluster.endpoints, timeout=5) as client, pytest.raises(InvalidArgument):
+        assert not stub(leader).Get(kv_pb2.GetRequest(key=key), timeout=15).found
+    with Client(shared_cluster.endpoints, timeout=15) as client, pytest.raises(InvalidArgument):
         client.put(key, value)
 
 
@@ -131,27 +131,27 @@ def test_bad_requests_get_invalid_argument(shared_cluster: LocalCluster) -> None
     kv = stub(leader)
     cases = {
         "unknown consistency": lambda: kv.Get(kv_pb2.GetRequest(key=key, consistency=7),
-                                              timeout=5),
+                                              timeout=15),
         "cas without expectation": lambda: kv.CompareAndSet(
-            kv_pb2.CompareAndSetRequest(key=key, value=b"v"), timeout=5),
+            kv_pb2.CompareAndSetRequest(key=key, value=b"v"), timeout=15),
         "cas with version 0.0": lambda: kv.CompareAndSet(
             kv_pb2.CompareAndSetRequest(key=key, value=b"v",
-                                        expected_version=kv_pb2.Version()), timeout=5),
+                                        expected_version=kv_pb2.Version()), timeout=15),
         "batch of 129": lambda: kv.BatchPut(kv_pb2.BatchPutRequest(items=[
-            kv_pb2.PutRequest(key=b"b%d" % i, value=b"v") for i in range(129)]), timeout=5),
+            kv_pb2.PutRequest(key=b"b%d" % i, value=b"v") for i in range(129)]), timeout=15),
         "batch over 2 MiB": lambda: kv.BatchPut(kv_pb2.BatchPutRequest(items=[
             kv_pb2.PutRequest(key=b"big%d" % i, value=b"v" * (MIB - 100)) for i in range(3)]),
-            timeout=5),
+            timeout=15),
         "scan of a partition that does not exist": lambda: list(kv.Scan(
-            kv_pb2.ScanRequest(partition=4096), timeout=5)),
+            kv_pb2.ScanRequest(partition=4096), timeout=15)),
     }
     for name, call in cases.items():
         with pytest.raises(grpc.RpcError) as failure:
             call()
         assert failure.value.code() in (grpc.StatusCode.INVALID_ARGUMENT,
                                          grpc.StatusCode.RESOURCE_EXHAUSTED), name
-    assert not kv.Get(kv_pb2.GetRequest(key=key), timeout=5).found
-    with Client(shared_cluster.endpoints, timeout=5) as client:
+    assert not kv.Get(kv_pb2.GetRequest(key=key), timeout=15).found
+    with Client(shared_cluster.endpoints, timeout=15) as client:
         assert client.get(b"b0") is None and client.get(b"big0") is None
 
 
@@ -163,10 +163,10 @@ def test_message_over_2mib_is_resource_exhausted(shared_cluster: LocalCluster) -
     with grpc.insecure_channel(leader, options=options) as channel:
         kv = kv_pb2_grpc.KVStub(channel)
         with pytest.raises(grpc.RpcError) as failure:
-            kv.Put(kv_pb2.PutRequest(key=key, value=b"v" * (3 * MIB)), timeout=5)
+            kv.Put(kv_pb2.PutRequest(key=key, value=b"v" * (3 * MIB)), timeout=15)
         assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert not kv.Get(kv_pb2.GetRequest(key=key), timeout=5).found
-    with Client(shared_cluster.endpoints, timeout=5) as client:
+        assert not kv.Get(kv_pb2.GetRequest(key=key), timeout=15).found
+    with Client(shared_cluster.endpoints, timeout=15) as client:
         # The client splits a large batch by size; each item answers for itself.
         results = client.batch_put([(b"huge%d" % i, b"v" * (MIB - 64)) for i in range(3)])
         assert all(isinstance(r, Version) for r in results)
@@ -194,7 +194,7 @@ def test_restarted_node_serves_its_data_again(cluster: LocalCluster) -> None:
         for k in [*keys, b"during"]:
             try:
                 reply = stub(n1).Get(kv_pb2.GetRequest(key=k, consistency=kv_pb2.FOLLOWER),
-                                     timeout=5)
+                                     timeout=15)
             except grpc.RpcError:
                 return False
             if not reply.found:
@@ -229,7 +229,7 @@ def test_refuses_second_process_for_a_node(shared_cluster: LocalCluster, tmp_pat
         code = process.wait(30)
         assert code is not None and code != 0, name
         assert "error:" in process.stderr_path.read_text(), name
-    with Client(shared_cluster.endpoints, timeout=5) as client:
+    with Client(shared_cluster.endpoints, timeout=15) as client:
         client.put(b"still-serving", b"yes")
 
 

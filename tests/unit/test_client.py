@@ -1,5 +1,6 @@
-"""storage.client: the pure parts (batching, lanes, backoff, routing, error mapping) and the
-client end to end against a real in-process grpc.aio test server on 127.0.0.1.
+"""storage.client: the pure parts it decides with (storage.coalescing: batching and lanes;
+storage.routing: routing and backoff; storage.wire_errors: error mapping) and the client end
+to end against a real in-process grpc.aio test server on 127.0.0.1.
 
 The test server (`FakeNode`) is a tiny hand-written KVServicer over a dict: it serves a
 fixed partition map, records every RPC and Batch size, de-duplicates writes by request id,
@@ -22,24 +23,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from storage import limits
-from storage.client import (
-    BATCH_BYTES_BUDGET,
-    ERROR_METADATA_KEY,
-    AsyncClient,
-    Backoff,
-    Client,
-    Expiry,
-    Item,
-    Lane,
-    Pending,
-    RoutingTable,
-    _final_error,
-    chunk_by_limits,
-    error_from_status,
-    item_error,
-    rpc_error,
-    take_batch,
-)
+from storage.batcher import Expiry, Pending
+from storage.client import AsyncClient, Client, Item
+from storage.coalescing import BATCH_BYTES_BUDGET, Lane, chunk_by_limits, take_batch
 from storage.errors import (
     CasMismatch,
     DeadlineExceeded,
@@ -51,7 +37,9 @@ from storage.errors import (
     Version,
 )
 from storage.partition import partition_of
+from storage.routing import Backoff, RoutingTable, final_error
 from storage.v1 import kv_pb2, kv_pb2_grpc
+from storage.wire_errors import ERROR_METADATA_KEY, error_from_status, item_error, rpc_error
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -340,7 +328,7 @@ def test_chunk_by_limits_keeps_order_and_limits(sizes: list[int]) -> None:
 
 
 async def test_lane_queues_behind_the_in_flight_call_and_releases_one_batch() -> None:
-    lane = Lane(max_in_flight=1)
+    lane: Lane[Pending] = Lane(max_in_flight=1)
     first = await pending()
     assert lane.offer(first) == [first]
     queued = [await pending() for _ in range(10)]
@@ -354,7 +342,7 @@ async def test_lane_queues_behind_the_in_flight_call_and_releases_one_batch() ->
 
 
 async def test_lane_allows_max_in_flight_before_queueing() -> None:
-    lane = Lane(max_in_flight=2)
+    lane: Lane[Pending] = Lane(max_in_flight=2)
     a, b, c = await pending(), await pending(), await pending()
     assert lane.offer(a) == [a] and lane.offer(b) == [b]
     assert lane.offer(c) is None
@@ -496,10 +484,10 @@ def test_error_mapping_from_item_status_and_trailing_metadata() -> None:
 
 
 def test_a_definite_error_after_an_unknown_outcome_is_reported_as_unknown() -> None:
-    err = _final_error(NotLeader("moved"), uncertain=True)
+    err = final_error(NotLeader("moved"), uncertain=True)
     assert isinstance(err, Unavailable) and not err.definite
-    assert isinstance(_final_error(NotLeader("moved"), uncertain=False), NotLeader)
-    assert isinstance(_final_error(CasMismatch("m"), uncertain=True), CasMismatch)
+    assert isinstance(final_error(NotLeader("moved"), uncertain=False), NotLeader)
+    assert isinstance(final_error(CasMismatch("m"), uncertain=True), CasMismatch)
 
 
 # ---------------------------------------------------------------------------------------

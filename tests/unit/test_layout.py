@@ -30,6 +30,8 @@ PURE_MODULES = (
     "storage/keyspace.py",
     "storage/errors.py",
     "storage/limits.py",
+    "storage/routing.py",
+    "storage/coalescing.py",
     "scheduler/state.py",
     "scheduler/allocator.py",
 )
@@ -59,6 +61,10 @@ GENERATED_CODE_USERS = frozenset(
     {
         "storage/service.py",
         "storage/client.py",
+        "storage/sync_client.py",
+        "storage/discovery.py",
+        "storage/batcher.py",
+        "storage/wire_errors.py",
         "storage/replica.py",
         "storage/node.py",
         "storage/controller.py",
