@@ -201,6 +201,7 @@ class AsyncClient:
         timeout: float = 5.0,
         client_id: bytes | None = None,
         max_in_flight: int = 1,
+        attempt_timeout: float = 1.0,
     ) -> None:
         self._closed = False
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -211,6 +212,9 @@ class AsyncClient:
             raise ValueError("timeout must be positive and max_in_flight at least 1")
         self._coalesce = coalesce
         self._timeout = timeout
+        # One attempt gets at most this long before the call re-reads the map and tries
+        # again (same request id): a frozen leader must not eat the whole deadline.
+        self._attempt_timeout = attempt_timeout
         self._client_id = client_id if client_id is not None else os.urandom(16)
         limits.check_client_id(self._client_id)
         # Time-based start: a reused client_id never replays an old (client, seq) pair.
@@ -510,10 +514,20 @@ class AsyncClient:
                     f"partition {partition} has no known leader", partition=partition
                 )
             else:
+                attempt = min(deadline, self._now() + self._attempt_timeout)
                 try:
                     if self._coalesce:
-                        return await self._batcher.send(address, op, kind, size, deadline)
-                    return await self._send_unary(address, op, kind, deadline)
+                        return await self._batcher.send(address, op, kind, size, attempt)
+                    return await self._send_unary(address, op, kind, attempt)
+                except DeadlineExceeded as err:
+                    if self._now() >= deadline - 0.001:
+                        raise final_error(err, uncertain) from None
+                    # Only this attempt ran out: its leader may be frozen or gone.
+                    last = Unavailable(f"no answer from {address} within "
+                                       f"{self._attempt_timeout}s; the write may or may not "
+                                       "have been applied", partition=partition)
+                    uncertain = True
+                    log.debug("attempt timed out partition=%s at=%s", partition, address)
                 except NotLeader as err:
                     last = err
                     hinted = routes.apply_hint(partition, err)

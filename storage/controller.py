@@ -272,8 +272,8 @@ class Controller:
             changed = changed or result is True
         if changed:
             await self._bump_version()
-        if not all(r is True for r in results):
-            self._wake.set()
+        # Partitions still without a leader are retried on the next pass (every
+        # `interval`, or sooner when membership changes), not in a tight loop.
 
     async def elect(self, p: int, live: set[str], avoid: set[str] | None = None) -> bool:
         """Choose partition p's leader in a fresh epoch. True once the map names one.
@@ -371,9 +371,13 @@ class Controller:
         """Health-probe every live node; a refused connection marks it down at once."""
         while self.leading:
             await asyncio.sleep(self.options.probe_interval)
-            results = await asyncio.gather(*(self._probe(n) for n in sorted(self._live)))
-            refusing = {n for n, refused in zip(sorted(self._live), results, strict=True)
-                        if refused}
+            nodes = sorted(self._live)  # one snapshot: reconcile may replace _live meanwhile
+            try:
+                results = await asyncio.gather(*(self._probe(n) for n in nodes))
+            except Exception:
+                log.exception("probe round failed")
+                continue
+            refusing = {n for n, refused in zip(nodes, results, strict=True) if refused}
             if refusing != self.refusing:
                 if refusing - self.refusing:
                     log.warning("nodes refuse connections: %s", sorted(refusing - self.refusing))

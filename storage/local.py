@@ -21,9 +21,11 @@ from typing import Any
 
 import grpc
 
+from scheduler.coord import CoordError, read_tree
 from scheduler.deadline import free_port, poll_for
 from scheduler.process import Process, pid_alive, spawn, terminate_pid
 from scheduler.zookeeper import ZooKeeperServer, find_installation
+from storage.directory import Paths
 from storage.v1 import kv_pb2, kv_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,15 @@ class NodeProcess:
     address: str
     data_dir: Path
     process: Process | None = None
+
+
+@dataclass(frozen=True)
+class Leader:
+    """Who leads a partition, as the newest map any running node serves says."""
+
+    node_id: str
+    address: str
+    epoch: int
 
 
 @dataclass
@@ -55,6 +66,7 @@ class LocalCluster:
     zookeeper: ZooKeeperServer | None = None
     node_processes: dict[str, NodeProcess] = field(default_factory=dict)
     controller_processes: list[Process] = field(default_factory=list)
+    paused: set[str] = field(default_factory=set)  # node ids frozen by pause_node
 
     @property
     def log_dir(self) -> Path:
@@ -88,15 +100,17 @@ class LocalCluster:
         return [sys.executable, "-m", "storage"]
 
     def start_controller(self) -> Process:
-        index = len(self.controller_processes) + 1
+        process = self._spawn_controller(len(self.controller_processes) + 1)
+        self.controller_processes.append(process)
+        return process
+
+    def _spawn_controller(self, number: int) -> Process:
         assert self.zk is not None
         argv = [*self._python(), "controller", "--zk", self.zk, "--cluster", self.cluster,
                 "--partitions", str(self.partitions), "--replication", str(self.replication),
                 "--expect-nodes", str(min(self.nodes, max(self.replication, 1))),
-                "--id", f"controller-{index}", "--session-timeout", str(self.session_timeout)]
-        process = spawn(argv, name=f"controller-{index}", log_dir=self.log_dir)
-        self.controller_processes.append(process)
-        return process
+                "--id", f"controller-{number}", "--session-timeout", str(self.session_timeout)]
+        return spawn(argv, name=f"controller-{number}", log_dir=self.log_dir)
 
     def start_node(self, node_id: str) -> Process:
         node = self.node_processes[node_id]
@@ -118,6 +132,87 @@ class LocalCluster:
         process = self.node_processes[node_id].process
         if process is not None:
             process.kill()
+
+    # -- faults (the chaos nemesis and the failure tests) ---------------------------
+
+    def pause_node(self, node_id: str) -> None:
+        """SIGSTOP the node: it keeps its sockets and state but answers nothing."""
+        process = self.node_processes[node_id].process
+        if process is not None:
+            process.stop()
+            self.paused.add(node_id)
+
+    def resume_node(self, node_id: str) -> None:
+        """SIGCONT a node frozen by `pause_node`."""
+        process = self.node_processes[node_id].process
+        if process is not None:
+            process.cont()
+        self.paused.discard(node_id)
+
+    def node_alive(self, node_id: str) -> bool:
+        """The node's process runs (a paused process counts as running)."""
+        process = self.node_processes[node_id].process
+        return process is not None and process.alive()
+
+    def address_of(self, node_id: str) -> str:
+        return self.node_processes[node_id].address
+
+    def kill_controller(self, index: int) -> None:
+        """SIGKILL controller `index` (0-based, the order they were started in)."""
+        self.controller_processes[index].kill()
+
+    def restart_controller(self, index: int) -> Process:
+        """Start controller `index` again (same id) after it was killed or stopped."""
+        old = self.controller_processes[index]
+        old.terminate()  # a no-op once it is dead and reaped
+        process = self._spawn_controller(index + 1)
+        self.controller_processes[index] = process
+        self.save_state()
+        return process
+
+    def controller_alive(self, index: int) -> bool:
+        return self.controller_processes[index].alive()
+
+    def active_controller(self) -> int | None:
+        """Index of the controller that leads the election (lowest contender), None if no
+        contender is registered or ZooKeeper cannot be read. A killed leader stays listed
+        until its session expires."""
+        assert self.zk is not None
+        try:
+            contenders = read_tree(self.zk, Paths(self.cluster).controller, timeout=5.0)
+        except CoordError:
+            return None
+        pids = {p.pid: i for i, p in enumerate(self.controller_processes)}
+        for name in sorted(contenders, key=lambda n: n.rsplit("_", 1)[-1]):
+            try:
+                pid = int(json.loads(contenders[name]).get("pid", 0))
+            except (ValueError, AttributeError):
+                continue
+            return pids.get(pid)
+        return None
+
+    def leader_of(self, partition: int, timeout: float = 2.0) -> Leader | None:
+        """The partition's leader in the newest map served by a running, unpaused node;
+        None if no node answers or the map names no leader."""
+        best: kv_pb2.PartitionMap | None = None
+        for node in self.node_processes.values():
+            if node.node_id in self.paused or node.process is None or not node.process.alive():
+                continue
+            with grpc.insecure_channel(node.address) as channel:
+                try:
+                    pmap = kv_pb2_grpc.KVStub(channel).GetMap(kv_pb2.GetMapRequest(),
+                                                              timeout=timeout)
+                except grpc.RpcError:
+                    continue
+            if best is None or pmap.version > best.version:
+                best = pmap
+        if best is None:
+            return None
+        entry = next((e for e in best.entries if e.id == partition), None)
+        if entry is None or not entry.leader:
+            return None
+        address = {n.id: n.address for n in best.nodes}.get(entry.leader, "")
+        return Leader(entry.leader, address, entry.epoch)
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop every process this cluster started, by PID. Idempotent."""

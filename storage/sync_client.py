@@ -49,6 +49,7 @@ class Client:
         timeout: float = 5.0,
         client_id: bytes | None = None,
         max_in_flight: int = 1,
+        attempt_timeout: float = 1.0,
     ) -> None:
         # Deferred: storage.client imports this module to re-export Client.
         from storage.client import AsyncClient
@@ -56,7 +57,7 @@ class Client:
         self._closed = True  # until the thread runs; __del__ reads it
         self._async = AsyncClient(
             endpoints, zk=zk, cluster=cluster, coalesce=coalesce, timeout=timeout,
-            client_id=client_id, max_in_flight=max_in_flight,
+            client_id=client_id, max_in_flight=max_in_flight, attempt_timeout=attempt_timeout,
         )
         self._timeout = timeout
         self._loop = asyncio.new_event_loop()

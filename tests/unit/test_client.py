@@ -678,7 +678,7 @@ async def test_a_stalled_node_gives_deadline_exceeded_within_the_deadline(
 async def test_a_batch_rpc_gets_the_latest_deadline_of_its_callers(make_cluster: Any) -> None:
     cluster = await make_cluster()
     node = cluster.nodes[0]
-    async with AsyncClient(cluster.endpoints) as client:
+    async with AsyncClient(cluster.endpoints, attempt_timeout=10.0) as client:
         node.delay = 0.2
         first = asyncio.ensure_future(client.put("a", b"v", timeout=1.0))
         await poll_for(lambda: node.calls["Batch"] == 1)
@@ -687,6 +687,20 @@ async def test_a_batch_rpc_gets_the_latest_deadline_of_its_callers(make_cluster:
         await asyncio.gather(first, short, long)
     assert node.batch_sizes == [1, 2]
     assert node.batch_time_remaining[1] > 3.0
+
+
+async def test_an_attempt_that_gets_no_answer_is_retried_within_the_deadline(
+    make_cluster: Any,
+) -> None:
+    cluster = await make_cluster()
+    node = cluster.nodes[0]
+    async with AsyncClient(cluster.endpoints, attempt_timeout=0.3) as client:
+        node.delay = 0.5  # every attempt outlives its 0.3 s budget
+        started = time.monotonic()
+        with pytest.raises((Unavailable, DeadlineExceeded)):
+            await client.put("slow", b"v", timeout=1.5)
+        assert time.monotonic() - started < 2.5
+        assert node.calls["Batch"] >= 2  # retried, not stuck on the first attempt
 
 
 async def test_close_fails_queued_and_in_flight_calls(make_cluster: Any) -> None:

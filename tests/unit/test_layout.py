@@ -26,6 +26,7 @@ GENERATED_DIRS = ("storage/v1", "scheduler/v1")
 # Pure modules: events in, decisions out, no I/O. Checked when they exist.
 PURE_MODULES = (
     "storage/partition.py",
+    "storage/checker.py",
     "storage/replication.py",
     "storage/keyspace.py",
     "storage/errors.py",
@@ -66,6 +67,9 @@ GENERATED_CODE_USERS = frozenset(
         "storage/batcher.py",
         "storage/wire_errors.py",
         "storage/replica.py",
+        "storage/apply.py",
+        "storage/sender.py",
+        "storage/catchup.py",
         "storage/node.py",
         "storage/controller.py",
         "storage/peers.py",

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from scheduler.deadline import async_poll_for
 from storage import limits
+from storage.catchup import _snapshot_stream
 from storage.engine import Batch, Engine
 from storage.errors import Version
 from storage.keyspace import (
@@ -30,7 +31,7 @@ from storage.keyspace import (
 )
 from storage.partition import Assignment
 from storage.peers import Peers
-from storage.replica import Replicas, Tuning, _snapshot_stream
+from storage.replica import Replicas, Tuning
 from storage.snapshot import (
     Retention,
     Section,
