@@ -1,8 +1,8 @@
 """Log retention and partition snapshots (DESIGN §6, catch-up).
 
 Role: decide how much of a partition's log to keep, and move a whole partition from a
-leader to a follower that is behind the retained log. The replication shell
-(`storage/replica.py`) drives both and does the networking; this module holds the
+leader to a follower that is behind the retained log. The replication shell drives both
+(`storage/apply.py` compacts, `storage/catchup.py` streams); this module holds the
 decisions (pure functions and classes), and the two ends of a snapshot as engine
 readers/writers. It knows nothing of protobuf or gRPC.
 
