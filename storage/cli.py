@@ -377,9 +377,10 @@ def map_(output: str, conn: Connection) -> None:
 def _add_daemon_commands() -> None:
     # Imported here, not at the top: the daemons pull in the node and controller, which
     # the data commands do not need.
+    from storage.bench import bench_command
     from storage.daemons import controller_command, local_group, node_command
 
-    for command in (node_command, controller_command, local_group):
+    for command in (node_command, controller_command, local_group, bench_command):
         main.add_command(command)
 
 
