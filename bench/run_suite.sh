@@ -4,11 +4,13 @@
 # recorded to bench/results/<name>.json. Usage: bench/run_suite.sh [NAME...] (default: all).
 #
 # Every run holds /tmp/ringstore-bench.lock for its own ≤ 30 s only, so other engineers'
-# measurements interleave with ours instead of colliding.
+# measurements interleave with ours instead of colliding. The cluster starts on empty
+# data directories (a fresh work directory, removed at the end): nodes that carry the
+# data of earlier runs measure differently (bench/results/README.md, "state matters").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LOCK=/tmp/ringstore-bench.lock
-WORK=${RINGSTORE_BENCH_WORK:-/tmp/ringstore-bench-cluster}
+WORK=$(mktemp -d /tmp/ringstore-bench-suite.XXXXXX)
 OUT=${RINGSTORE_BENCH_OUT:-bench/results}
 PY=.venv/bin/python
 COMMON=(--clients 64 --duration 12 --warmup 2 --keys 20000 --value-size 100
@@ -63,7 +65,26 @@ print(",".join(n["address"] for n in s["nodes"].values()))' "$WORK/cluster.json"
   export RINGSTORE_ENDPOINTS
 }
 
-down() { .venv/bin/storage local down --work-dir "$WORK" >&2 || true; }
+down() { .venv/bin/storage local down --work-dir "$WORK" >&2 || true; rm -rf "$WORK"; }
+
+settle() {  # wait (up to 60 s) until leadership has not moved for 5 s and is balanced
+  "$PY" - <<'PY' >&2
+import collections, os, time
+from storage.client import Client
+with Client(os.environ["RINGSTORE_ENDPOINTS"], timeout=5.0) as client:
+    deadline, seen, since = time.monotonic() + 60, None, time.monotonic()
+    while time.monotonic() < deadline:
+        pmap = client.get_map()
+        led = collections.Counter(e.leader for e in pmap.entries)
+        state = (pmap.version, tuple(sorted(led.items())))
+        if state != seen:
+            seen, since = state, time.monotonic()
+        elif time.monotonic() - since >= 5 and max(led.values()) - min(led.values()) <= 2:
+            break
+        time.sleep(0.5)
+    print(f"settled: map version {pmap.version}, partitions led {dict(sorted(led.items()))}")
+PY
+}
 
 half_peak_w() {  # half the ops/s of the recorded coalesced W run
   "$PY" -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["run"]["ops_per_s"] / 2))' \
@@ -91,6 +112,7 @@ ALL=(w-coalesce w-nocoalesce c-coalesce c-nocoalesce c-lease c-follower w-batch1
      a-zipfian b-zipfian w-open-half w-coalesce-again)
 mkdir -p "$OUT"
 trap down EXIT
-down
+trap 'exit 130' INT TERM  # so that the EXIT trap stops the cluster
 up
+settle
 for name in "${@:-${ALL[@]}}"; do run "$name"; done

@@ -472,10 +472,11 @@ def key_in_partition(partition: int, partitions: int, prefix: str) -> str:
 
 
 def measure_failover(cluster: LocalCluster, kills: int, seed: int,
-                     timeout: float = 60.0) -> list[float]:
-    """SIGKILL the leader of a (seeded) random partition `kills` times; for each, the
-    seconds from the kill until a put to that partition succeeds again. The node is
-    restarted and the cluster made ready between kills."""
+                     timeout: float = 60.0, fault: str = "kill") -> list[float]:
+    """SIGKILL (fault="kill") or SIGSTOP (fault="pause") the leader of a (seeded) random
+    partition `kills` times; for each, the seconds from the fault until a put to that
+    partition succeeds again. The node is restarted (or resumed) and the cluster made
+    ready between faults."""
     rng = random.Random(seed)
     times: list[float] = []
     with Client(cluster.endpoints, timeout=1.0) as client:
@@ -487,13 +488,20 @@ def measure_failover(cluster: LocalCluster, kills: int, seed: int,
             leader = cluster.leader_of(p)
             assert leader is not None, f"partition {p} has no leader"
             killed = time.monotonic()
-            cluster.kill_node(leader.node_id)
+            if fault == "pause":
+                cluster.pause_node(leader.node_id)
+            else:
+                cluster.kill_node(leader.node_id)
             poll_for(put_ok, timeout, interval=0.01,
-                     what=f"a put to partition {p} after killing its leader {leader.node_id}")
+                     what=f"a put to partition {p} after a {fault} of its leader "
+                          f"{leader.node_id}")
             times.append(time.monotonic() - killed)
-            log.info("failover partition=%d leader=%s seconds=%.2f", p, leader.node_id,
-                     times[-1])
-            cluster.start_node(leader.node_id)
+            log.info("failover fault=%s partition=%d leader=%s seconds=%.2f", fault, p,
+                     leader.node_id, times[-1])
+            if fault == "pause":
+                cluster.resume_node(leader.node_id)
+            else:
+                cluster.start_node(leader.node_id)
             cluster.wait_ready(READY_TIMEOUT)
     return times
 

@@ -520,6 +520,9 @@ class AsyncClient:
                         return await self._batcher.send(address, op, kind, size, attempt)
                     return await self._send_unary(address, op, kind, attempt)
                 except DeadlineExceeded as err:
+                    # The leader did not answer: whatever happens to this call, the next
+                    # one should route with a fresh map.
+                    self._map.refresh()
                     if self._now() >= deadline - 0.001:
                         raise final_error(err, uncertain) from None
                     # Only this attempt ran out: its leader may be frozen or gone.

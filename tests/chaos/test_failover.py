@@ -1,4 +1,4 @@
-"""How long a partition stays unwritable after its leader is SIGKILLed (opt-in:
+"""How long a partition stays unwritable after its leader is SIGKILLed or SIGSTOPped (opt-in:
 pytest -m slow). Prints median, p90 and max over the kills and writes them, with every
 sample, to failover.json under the test's tmp dir.
 """
@@ -21,18 +21,21 @@ KILLS = int(os.environ.get("RINGSTORE_FAILOVER_KILLS", "20"))
 
 @pytest.mark.slow
 @pytest.mark.timeout(60 * KILLS + 120)
-def test_failover_time(zk: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fault", ["kill", "pause"])
+def test_failover_time(fault: str, zk: str, tmp_path: Path) -> None:
     env = os.environ.get("RINGSTORE_CHAOS_SEED")
     seed = int(env) if env else random.SystemRandom().randrange(2**31)
     print(f"RINGSTORE_CHAOS_SEED={seed}")
     cluster = LocalCluster(tmp_path / "cluster", zk=zk, partitions=16, controllers=2)
     try:
         cluster.start(timeout=90)
-        samples = measure_failover(cluster, KILLS, seed)
+        samples = measure_failover(cluster, KILLS, seed, fault=fault)
     finally:
         cluster.stop()
     ordered = sorted(samples)
     stats = {
+        "fault": fault,
+        "command": f"pytest -m slow tests/chaos/test_failover.py -k {fault}",
         "seed": seed,
         "kills": len(samples),
         "session_timeout_s": cluster.session_timeout,
@@ -42,7 +45,7 @@ def test_failover_time(zk: str, tmp_path: Path) -> None:
         "samples_s": samples,
     }
     (tmp_path / "failover.json").write_text(json.dumps(stats, indent=2) + "\n")
-    print(f"failover over {len(samples)} kills: median {stats['median_s']:.2f}s "
+    print(f"failover ({fault}) over {len(samples)} faults: median {stats['median_s']:.2f}s "
           f"p90 {stats['p90_s']:.2f}s max {stats['max_s']:.2f}s "
           f"(session timeout {cluster.session_timeout}s); {tmp_path / 'failover.json'}")
     assert len(samples) == KILLS
