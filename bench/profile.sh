@@ -8,16 +8,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:?usage: bench/profile.sh coalesce|no-coalesce}
 LOCK=/tmp/ringstore-bench.lock
-WORK=${RINGSTORE_BENCH_WORK:-/tmp/ringstore-bench-profile}
+# A fresh cluster unless RINGSTORE_BENCH_WORK names an existing work directory to reuse.
+WORK=${RINGSTORE_BENCH_WORK:-}
+FRESH=""
+if [ -z "$WORK" ]; then WORK=$(mktemp -d /tmp/ringstore-bench-profile.XXXXXX); FRESH=1; fi
 OUT=${RINGSTORE_BENCH_OUT:-bench/results}
 PY=.venv/bin/python
 SPY=.venv/bin/py-spy
 [ -x "$SPY" ] || .venv/bin/pip install py-spy
 
-trap '.venv/bin/storage local down --work-dir "$WORK" >&2 || true' EXIT
+trap '.venv/bin/storage local down --work-dir "$WORK" >&2 || true; [ -z "$FRESH" ] || rm -rf "$WORK"' EXIT
+trap 'exit 130' INT TERM
 flock "$LOCK" .venv/bin/storage local up --work-dir "$WORK" --nodes 3 --partitions 64 >&2
 export RINGSTORE_ENDPOINTS=$("$PY" -c 'import json,sys; s=json.load(open(sys.argv[1]));
 print(",".join(n["address"] for n in s["nodes"].values()))' "$WORK/cluster.json")
+"$PY" bench/settle.py >&2
 NODE_PID=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["nodes"]["n1"]["pid"])' \
   "$WORK/cluster.json")
 

@@ -67,24 +67,7 @@ print(",".join(n["address"] for n in s["nodes"].values()))' "$WORK/cluster.json"
 
 down() { .venv/bin/storage local down --work-dir "$WORK" >&2 || true; rm -rf "$WORK"; }
 
-settle() {  # wait (up to 60 s) until leadership has not moved for 5 s and is balanced
-  "$PY" - <<'PY' >&2
-import collections, os, time
-from storage.client import Client
-with Client(os.environ["RINGSTORE_ENDPOINTS"], timeout=5.0) as client:
-    deadline, seen, since = time.monotonic() + 60, None, time.monotonic()
-    while time.monotonic() < deadline:
-        pmap = client.get_map()
-        led = collections.Counter(e.leader for e in pmap.entries)
-        state = (pmap.version, tuple(sorted(led.items())))
-        if state != seen:
-            seen, since = state, time.monotonic()
-        elif time.monotonic() - since >= 5 and max(led.values()) - min(led.values()) <= 2:
-            break
-        time.sleep(0.5)
-    print(f"settled: map version {pmap.version}, partitions led {dict(sorted(led.items()))}")
-PY
-}
+settle() { "$PY" bench/settle.py >&2; }  # leadership stops moving after a start
 
 half_peak_w() {  # half the ops/s of the recorded coalesced W run
   "$PY" -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["run"]["ops_per_s"] / 2))' \

@@ -39,7 +39,8 @@ __all__ = ["GETMAP_TRY_TIMEOUT", "MapCache"]
 
 log = logging.getLogger(__name__)
 
-GETMAP_TRY_TIMEOUT = 1.0  # per-node GetMap timeout while rotating through several nodes
+GETMAP_TRY_TIMEOUT = 0.5  # per-node GetMap timeout while rotating through several nodes
+REFRESH_BUDGET = 5.0  # a background refresh may outlive the call that started it
 
 
 class MapCache:
@@ -127,7 +128,9 @@ class MapCache:
         return task
 
     async def _refresh(self, prefer: str | None) -> None:
-        deadline = self._now() + self._timeout
+        # Not bounded by one call's deadline: a frozen node first in line must not make
+        # every refresh fail (each call would then start the same doomed refresh again).
+        deadline = self._now() + max(self._timeout, REFRESH_BUDGET)
         try:
             pmap = await self._fetch_map(deadline, prefer)
         except Unavailable:
@@ -192,6 +195,7 @@ class MapCache:
             except grpc.aio.AioRpcError as exc:
                 last = exc.details() or exc.code().name
                 log.debug("GetMap failed at=%s: %s", address, last)
+                self._rotation = start + n + 1  # a node that failed is not asked first again
                 continue
             except asyncio.CancelledError:
                 if not call_cancelled():
