@@ -44,7 +44,7 @@ def row(name: str, d: dict[str, Any]) -> list[str]:
     elif what:
         verdict = f"{headline} vs ≥ {target:g}: {'met' if (headline or 0) >= target else 'NOT met'}"
     else:
-        verdict = "—"
+        verdict = f"{headline} (no target)" if headline else "—"
     nodes = {k: v for k, v in processes.items() if k.startswith("n")}
     node_cpu = sum(v["cpu_us_per_op"] or 0 for v in nodes.values())
     rss = max((v.get("rss_mib", 0) for v in nodes.values()), default=0)
@@ -55,9 +55,9 @@ def row(name: str, d: dict[str, Any]) -> list[str]:
     return [
         name,
         f"{throughput:,.0f}{' items/s' if batch else ''}",
-        f"{echo.get('calls_per_s', 0):,.0f}",
-        f"{engine.get('batched_items_per_s', 0):,.0f}" if batch else
-        f"{engine.get('puts_per_s', 0):,.0f}",
+        f"{echo['calls_per_s']:,.0f}" if echo else "—",
+        (f"{engine['batched_items_per_s']:,.0f}" if batch else f"{engine['puts_per_s']:,.0f}")
+        if engine else "—",
         verdict,
         f"{ratios.get('echo_cpu_per_call/cpu_per_op', '—')}",
         f"{lat['p50']:g} / {lat['p99']:g} / {lat['p999']:g}",
