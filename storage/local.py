@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -319,6 +318,3 @@ def stop_recorded(work_dir: Path, grace: float = 10.0) -> list[int]:
     (work_dir / STATE_FILE).unlink(missing_ok=True)
     return stopped
 
-
-def signal_name(sig: int) -> str:
-    return signal.Signals(sig).name
