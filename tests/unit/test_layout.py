@@ -35,6 +35,7 @@ PURE_MODULES = (
     "storage/coalescing.py",
     "scheduler/state.py",
     "scheduler/allocator.py",
+    "scheduler/resources.py",
 )
 IO_LIBRARIES = ("asyncio", "grpc", "kazoo", "rocksdict", "subprocess", "socket", "threading")
 
@@ -82,6 +83,10 @@ GENERATED_CODE_USERS = frozenset(
         "scheduler/service.py",
         "scheduler/client.py",
         "scheduler/cli.py",
+        "scheduler/wire.py",
+        "scheduler/local.py",
+        "scheduler/status.py",
+        "scheduler/simulated.py",
     }
 )
 
