@@ -87,6 +87,8 @@ GENERATED_CODE_USERS = frozenset(
         "scheduler/local.py",
         "scheduler/status.py",
         "scheduler/simulated.py",
+        "scheduler/master_messages.py",
+        "scheduler/master_service.py",
     }
 )
 
