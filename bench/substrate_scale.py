@@ -1,0 +1,232 @@
+"""Substrate scale: one master, many simulated agents, one framework (issue 5, "Scale").
+
+For each agent count (default 50, 200, 500) with TASKS_PER_AGENT tasks per agent:
+  1. start a private ZooKeeper, one master, and the simulated agents (scheduler.simulated,
+     up to 250 per process) — no real task processes;
+  2. offer cycle: the framework suppresses, declines what it holds, REVIVEs at t0 and
+     waits until it holds offers for every agent at t1; cycle = t1 - t0 (3 rounds; the
+     master's allocation interval is part of it, 1 s unless --allocation-interval);
+  3. launch: accept offers with small tasks until all tasks run; UPDATE latency =
+     receive time - the simulated agent's state-change timestamp (same clock);
+  4. kill every task, the same latency for KILLED;
+  5. the master's CPU seconds (utime+stime) and peak RSS from /proc.
+
+    flock /tmp/ringstore-bench.lock .venv/bin/python bench/substrate_scale.py \
+        [--agents 50,200,500] [--out bench/results/substrate-scale.json]
+
+Prints a table and writes the results (with this command) as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from scheduler.deadline import free_port, poll_for
+from scheduler.framework import Framework, FrameworkDriver
+from scheduler.process import Process, spawn
+from scheduler.resources import Resources
+from scheduler.v1 import scheduler_pb2 as pb
+from scheduler.wire import resources_from_pb, resources_to_pb
+from scheduler.zookeeper import ZooKeeperServer
+
+TASKS_PER_AGENT = 10
+AGENTS_PER_PROCESS = 250
+TASK = Resources.parse("cpus:0.1;mem:32")
+CLUSTER = "bench"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Recorder(Framework):
+    """Holds offers, records UPDATE latencies by state."""
+
+    def __init__(self) -> None:
+        self.offers: dict[str, pb.Offer] = {}
+        self.latency: dict[int, list[float]] = {}
+        self.states: dict[str, int] = {}
+        self.changed = asyncio.Event()
+
+    async def on_offers(self, driver: FrameworkDriver, offers: list[pb.Offer]) -> None:
+        for offer in offers:
+            self.offers[offer.offer_id] = offer
+        self.changed.set()
+
+    async def on_rescind(self, driver: FrameworkDriver, offer_id: str) -> None:
+        self.offers.pop(offer_id, None)
+
+    async def on_update(self, driver: FrameworkDriver, status: pb.TaskStatus) -> None:
+        if status.timestamp:
+            self.latency.setdefault(status.state, []).append(time.time() - status.timestamp)
+        self.states[status.task_id] = status.state
+        self.changed.set()
+
+    def agents_offered(self) -> set[str]:
+        return {o.agent_id for o in self.offers.values()}
+
+    def count(self, state: int) -> int:
+        return sum(1 for s in self.states.values() if s == state)
+
+
+async def wait_until(recorder: Recorder, predicate: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        recorder.changed.clear()
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("condition not met in time")
+        try:
+            await asyncio.wait_for(recorder.changed.wait(), remaining)
+        except TimeoutError:
+            pass
+
+
+async def drive(zk: str, agents: int, master_pid: int) -> dict[str, Any]:
+    recorder = Recorder()
+    info = pb.FrameworkInfo(name="scale-bench", role="bench", failover_timeout=60)
+    async with FrameworkDriver(recorder, info, zk=zk, cluster=CLUSTER,
+                               call_timeout=30.0) as driver:
+        await driver.start(timeout=60)
+        cycles = []
+        for _ in range(3):
+            await driver.suppress()
+            if recorder.offers:
+                await driver.decline(list(recorder.offers), refuse_seconds=0)
+                recorder.offers.clear()
+            t0 = time.monotonic()
+            await driver.revive()
+            await wait_until(recorder, lambda: len(recorder.agents_offered()) >= agents, 60)
+            cycles.append(time.monotonic() - t0)
+        cpu0 = proc_cpu_seconds(master_pid)
+        total = agents * TASKS_PER_AGENT
+        launched = 0
+        t_launch = time.monotonic()
+        while launched < total:
+            await wait_until(recorder, lambda: bool(recorder.offers), 60)
+            offers = list(recorder.offers.values())
+            recorder.offers.clear()
+            for offer in offers:
+                tasks = []
+                free = resources_from_pb(offer.resources)
+                while launched + len(tasks) < total and free.contains(TASK):
+                    free = free - TASK
+                    tasks.append(pb.TaskInfo(
+                        task_id=f"t{launched + len(tasks)}", name="sim",
+                        agent_id=offer.agent_id, resources=resources_to_pb(TASK),
+                        command=pb.CommandInfo(argv=["true"]),
+                    ))
+                    if len(tasks) >= TASKS_PER_AGENT:
+                        break
+                if tasks:
+                    await driver.launch(offer, tasks, refuse_seconds=0)
+                    launched += len(tasks)
+                else:
+                    await driver.decline([offer.offer_id], refuse_seconds=60)
+        await wait_until(recorder, lambda: recorder.count(pb.TASK_RUNNING) >= total, 120)
+        launch_seconds = time.monotonic() - t_launch
+        t_kill = time.monotonic()
+        for task_id in list(recorder.states):
+            await driver.kill(task_id, "")
+        await wait_until(recorder, lambda: recorder.count(pb.TASK_KILLED) >= total, 120)
+        kill_seconds = time.monotonic() - t_kill
+        cpu1 = proc_cpu_seconds(master_pid)
+    running = [x * 1000 for x in recorder.latency.get(pb.TASK_RUNNING, [])]
+    killed = [x * 1000 for x in recorder.latency.get(pb.TASK_KILLED, [])]
+    both = running + killed
+    return {
+        "agents": agents,
+        "tasks": total,
+        "offer_cycle_s": {"median": statistics.median(cycles), "max": max(cycles),
+                          "rounds": cycles},
+        "update_latency_ms": {"p50": percentile(both, 0.5), "p99": percentile(both, 0.99),
+                              "running_p99": percentile(running, 0.99),
+                              "killed_p99": percentile(killed, 0.99), "count": len(both)},
+        "launch_s": launch_seconds,
+        "kill_s": kill_seconds,
+        "master_cpu_s_launch_and_kill": cpu1 - cpu0,
+        "master_peak_rss_mib": proc_peak_rss_mib(master_pid),
+    }
+
+
+def run_one(agents: int, allocation_interval: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="ringstore-scale-") as tmp:
+        work = Path(tmp)
+        processes: list[Process] = []
+        with ZooKeeperServer(work / "zk") as zookeeper:
+            zk = f"{zookeeper.address}/ringstore"
+            try:
+                master = spawn(
+                    [sys.executable, "-m", "scheduler.cli", "master", "--zk", zk,
+                     "--cluster", CLUSTER, "--listen", f"127.0.0.1:{free_port()}",
+                     "--allocation-interval", str(allocation_interval),
+                     "--offer-timeout", "300", "--agent-timeout", "30"],
+                    name="master", log_dir=work / "logs")
+                processes.append(master)
+                for start in range(0, agents, AGENTS_PER_PROCESS):
+                    count = min(AGENTS_PER_PROCESS, agents - start)
+                    processes.append(spawn(
+                        [sys.executable, "-m", "scheduler.simulated", "--zk", zk,
+                         "--cluster", CLUSTER, "--count", str(count),
+                         "--prefix", f"sim{start}"],
+                        name=f"agents-{start}", log_dir=work / "logs"))
+                for process in processes[1:]:
+                    poll_for(lambda p=process: "ready" in p.stdout_path.read_text(), timeout=180,
+                             what=f"{process.name} registered")
+                return asyncio.run(drive(zk, agents, master.pid))
+            finally:
+                for process in reversed(processes):
+                    process.terminate(grace=5)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--agents", default="50,200,500")
+    parser.add_argument("--allocation-interval", type=float, default=1.0)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/substrate-scale.json"))
+    args = parser.parse_args()
+    results = []
+    for agents in (int(a) for a in args.agents.split(",")):
+        result = run_one(agents, args.allocation_interval)
+        results.append(result)
+        print(f"agents={agents:4d} tasks={result['tasks']:5d} "
+              f"offer_cycle={result['offer_cycle_s']['median']:.2f}s "
+              f"update p50={result['update_latency_ms']['p50']:.1f}ms "
+              f"p99={result['update_latency_ms']['p99']:.1f}ms "
+              f"master cpu={result['master_cpu_s_launch_and_kill']:.1f}s "
+              f"rss={result['master_peak_rss_mib']:.0f}MiB", flush=True)
+    record = {
+        "command": " ".join(["python", *sys.argv]),
+        "machine": f"{os.cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
