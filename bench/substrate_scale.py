@@ -6,10 +6,11 @@ For each agent count (default 50, 200, 500) with TASKS_PER_AGENT tasks per agent
   2. offer cycle: the framework suppresses, declines what it holds, REVIVEs at t0 and
      waits until it holds offers for every agent at t1; cycle = t1 - t0 (3 rounds; the
      master's allocation interval is part of it, 1 s unless --allocation-interval);
-  3. launch: accept offers with small tasks until all tasks run; UPDATE latency =
+  3. launch: accept offers with small tasks until all tasks run (a burst); UPDATE latency =
      receive time - the simulated agent's state-change timestamp (same clock);
-  4. kill every task, the same latency for KILLED;
-  5. the master's CPU seconds (utime+stime) and peak RSS from /proc.
+  4. kill every task at a paced --kill-rate, the same latency for KILLED;
+  5. the master's CPU seconds (utime+stime) over launch and kill, its CPU share while
+     idle for 5 s with every task running (the agents' heartbeats), and its peak RSS.
 
     flock /tmp/ringstore-bench.lock .venv/bin/python bench/substrate_scale.py \
         [--agents 50,200,500] [--out bench/results/substrate-scale.json]
@@ -23,10 +24,12 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,8 @@ from scheduler.zookeeper import ZooKeeperServer
 TASKS_PER_AGENT = 10
 AGENTS_PER_PROCESS = 250
 TASK = Resources.parse("cpus:0.1;mem:32")
+QUIET = 0.5
+IDLE = 5.0
 CLUSTER = "bench"
 
 
@@ -97,22 +102,26 @@ async def wait_until(recorder: Recorder, predicate: Any, timeout: float) -> None
         recorder.changed.clear()
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise TimeoutError("condition not met in time")
+            counts: dict[str, int] = {}
+            for state in recorder.states.values():
+                name = pb.TaskState.Name(state)  # type: ignore[arg-type]
+                counts[name] = counts.get(name, 0) + 1
+            raise TimeoutError(f"condition not met in {timeout}s; task states {counts}")
         try:
             await asyncio.wait_for(recorder.changed.wait(), remaining)
         except TimeoutError:
             pass
 
 
-async def drive(zk: str, agents: int, master_pid: int) -> dict[str, Any]:
+async def drive(zk: str, agents: int, master_pid: int, kill_rate: float) -> dict[str, Any]:
     recorder = Recorder()
     info = pb.FrameworkInfo(name="scale-bench", role="bench", failover_timeout=60)
     async with FrameworkDriver(recorder, info, zk=zk, cluster=CLUSTER,
                                call_timeout=30.0) as driver:
-        await driver.start(timeout=60)
         cycles = []
         for _ in range(3):
             await driver.suppress()
+            await asyncio.sleep(QUIET)  # offers already on their way arrive before t0
             if recorder.offers:
                 await driver.decline(list(recorder.offers), refuse_seconds=0)
                 recorder.offers.clear()
@@ -129,7 +138,7 @@ async def drive(zk: str, agents: int, master_pid: int) -> dict[str, Any]:
             offers = list(recorder.offers.values())
             recorder.offers.clear()
             for offer in offers:
-                tasks = []
+                tasks: list[pb.TaskInfo] = []
                 free = resources_from_pb(offer.resources)
                 while launched + len(tasks) < total and free.contains(TASK):
                     free = free - TASK
@@ -147,8 +156,14 @@ async def drive(zk: str, agents: int, master_pid: int) -> dict[str, Any]:
                     await driver.decline([offer.offer_id], refuse_seconds=60)
         await wait_until(recorder, lambda: recorder.count(pb.TASK_RUNNING) >= total, 120)
         launch_seconds = time.monotonic() - t_launch
+        idle0 = proc_cpu_seconds(master_pid)
+        await asyncio.sleep(IDLE)  # measuring the idle cost: heartbeats of every agent
+        idle_cpu = (proc_cpu_seconds(master_pid) - idle0) / IDLE
         t_kill = time.monotonic()
-        for task_id in list(recorder.states):
+        for i, task_id in enumerate(list(recorder.states)):
+            pause = t_kill + i / kill_rate - time.monotonic()
+            if pause > 0:
+                await asyncio.sleep(pause)  # pacing the kills, not synchronization
             await driver.kill(task_id, "")
         await wait_until(recorder, lambda: recorder.count(pb.TASK_KILLED) >= total, 120)
         kill_seconds = time.monotonic() - t_kill
@@ -161,25 +176,35 @@ async def drive(zk: str, agents: int, master_pid: int) -> dict[str, Any]:
         "tasks": total,
         "offer_cycle_s": {"median": statistics.median(cycles), "max": max(cycles),
                           "rounds": cycles},
-        "update_latency_ms": {"p50": percentile(both, 0.5), "p99": percentile(both, 0.99),
-                              "running_p99": percentile(running, 0.99),
-                              "killed_p99": percentile(killed, 0.99), "count": len(both)},
+        # RUNNING: every task launched at once (a burst); KILLED: kills paced at kill_rate/s.
+        "update_latency_ms": {
+            "burst_running": {"p50": percentile(running, 0.5), "p99": percentile(running, 0.99),
+                              "count": len(running)},
+            "paced_killed": {"p50": percentile(killed, 0.5), "p99": percentile(killed, 0.99),
+                             "count": len(killed), "rate_per_s": kill_rate},
+            "all": {"p50": percentile(both, 0.5), "p99": percentile(both, 0.99)},
+        },
         "launch_s": launch_seconds,
         "kill_s": kill_seconds,
-        "master_cpu_s_launch_and_kill": cpu1 - cpu0,
+        "master_cpu_s_launch_and_kill": cpu1 - cpu0 - idle_cpu * IDLE,
         "master_peak_rss_mib": proc_peak_rss_mib(master_pid),
+        "master_idle_cpu_fraction": idle_cpu,
     }
 
 
-def run_one(agents: int, allocation_interval: float) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="ringstore-scale-") as tmp:
-        work = Path(tmp)
-        processes: list[Process] = []
+def ready(process: Process) -> bool:
+    return "ready" in process.stdout_path.read_text()
+
+
+def run_one(agents: int, allocation_interval: float, kill_rate: float) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="ringstore-scale-"))
+    processes: list[Process] = []
+    try:
         with ZooKeeperServer(work / "zk") as zookeeper:
             zk = f"{zookeeper.address}/ringstore"
             try:
                 master = spawn(
-                    [sys.executable, "-m", "scheduler.cli", "master", "--zk", zk,
+                    [sys.executable, "-m", "scheduler.cli", "-v", "master", "--zk", zk,
                      "--cluster", CLUSTER, "--listen", f"127.0.0.1:{free_port()}",
                      "--allocation-interval", str(allocation_interval),
                      "--offer-timeout", "300", "--agent-timeout", "30"],
@@ -193,29 +218,40 @@ def run_one(agents: int, allocation_interval: float) -> dict[str, Any]:
                          "--prefix", f"sim{start}"],
                         name=f"agents-{start}", log_dir=work / "logs"))
                 for process in processes[1:]:
-                    poll_for(lambda p=process: "ready" in p.stdout_path.read_text(), timeout=180,
+                    poll_for(partial(ready, process), timeout=180,
                              what=f"{process.name} registered")
-                return asyncio.run(drive(zk, agents, master.pid))
+                result = asyncio.run(drive(zk, agents, master.pid, kill_rate))
             finally:
                 for process in reversed(processes):
                     process.terminate(grace=5)
+    except BaseException:
+        print(f"failed; logs kept in {work / 'logs'}", file=sys.stderr)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--agents", default="50,200,500")
     parser.add_argument("--allocation-interval", type=float, default=1.0)
+    parser.add_argument("--kill-rate", type=float, default=200.0,
+                        help="kills per second in the paced phase")
     parser.add_argument("--out", type=Path, default=Path("bench/results/substrate-scale.json"))
     args = parser.parse_args()
     results = []
     for agents in (int(a) for a in args.agents.split(",")):
-        result = run_one(agents, args.allocation_interval)
+        result = run_one(agents, args.allocation_interval, args.kill_rate)
         results.append(result)
+        lat = result["update_latency_ms"]
         print(f"agents={agents:4d} tasks={result['tasks']:5d} "
               f"offer_cycle={result['offer_cycle_s']['median']:.2f}s "
-              f"update p50={result['update_latency_ms']['p50']:.1f}ms "
-              f"p99={result['update_latency_ms']['p99']:.1f}ms "
+              f"update burst p50/p99={lat['burst_running']['p50']:.0f}/"
+              f"{lat['burst_running']['p99']:.0f}ms "
+              f"paced p50/p99={lat['paced_killed']['p50']:.0f}/"
+              f"{lat['paced_killed']['p99']:.0f}ms "
               f"master cpu={result['master_cpu_s_launch_and_kill']:.1f}s "
+              f"idle={100 * result['master_idle_cpu_fraction']:.0f}% "
               f"rss={result['master_peak_rss_mib']:.0f}MiB", flush=True)
     record = {
         "command": " ".join(["python", *sys.argv]),

@@ -174,6 +174,9 @@ class FrameworkDriver:
             collections.OrderedDict()
         )
         self._tasks: list[asyncio.Task[None]] = []
+        # Acknowledgements in flight: sent beside the dispatch loop, so one slow round
+        # trip does not hold back the delivery of every event behind it.
+        self._acks: set[asyncio.Task[None]] = set()
         self._closed = False
 
     # -- lifecycle ------------------------------------------------------------------
@@ -208,10 +211,11 @@ class FrameworkDriver:
         self._stopped.set()
         self._subscribed.clear()
         current = asyncio.current_task()
-        for t in self._tasks:
+        everything = [*self._tasks, *self._acks]
+        for t in everything:
             if t is not current:
                 t.cancel()
-        for t in self._tasks:
+        for t in everything:
             if t is not current:
                 try:
                     await t
@@ -550,6 +554,11 @@ class FrameworkDriver:
                 self._acked.popitem(last=False)
         else:
             log.debug("duplicate update acknowledged again task=%s", status.task_id)
+        ack = asyncio.create_task(self._acknowledge_quietly(status))
+        self._acks.add(ack)
+        ack.add_done_callback(self._acks.discard)
+
+    async def _acknowledge_quietly(self, status: pb.TaskStatus) -> None:
         try:
             await self.acknowledge(status)
         except FrameworkError as exc:

@@ -88,9 +88,10 @@ class SimulatedAgent:
             yield message
             if time.monotonic() - last_resend >= RETRY:
                 last_resend = time.monotonic()
-                for queue in self._pending.values():
-                    if queue:
-                        yield pb.AgentMessage(update=pb.AgentMessage.Update(status=queue[0]))
+                # A snapshot: acknowledgements change the queues while this waits at yield.
+                heads = [queue[0] for queue in self._pending.values() if queue]
+                for status in heads:
+                    yield pb.AgentMessage(update=pb.AgentMessage.Update(status=status))
 
     def _handle(self, message: pb.MasterMessage) -> None:
         kind = message.WhichOneof("message")
@@ -184,7 +185,7 @@ class SimulatedAgents:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a broken stream or no leader: look again shortly
-                log.debug("agent=%s stream ended: %s", agent.name, exc)
+                log.warning("agent=%s stream ended: %r", agent.name, exc)
             await asyncio.sleep(0.5)  # backoff before re-attaching, not synchronization
 
     async def close(self) -> None:

@@ -55,7 +55,6 @@ async def test_master_failover_time(tmp_path: Path) -> None:
         info = pb.FrameworkInfo(name="failover-probe", role="probe", failover_timeout=120)
         async with FrameworkDriver(Framework(), info, zk=substrate.zk,
                                    cluster=substrate.cluster) as driver:
-            await driver.start(timeout=30)
             for _ in range(KILLS):
                 index = substrate.leader_index()
                 assert index is not None
