@@ -68,7 +68,7 @@ class MasterOptions:
     allocation_interval: float = 1.0
     offer_timeout: float = 30.0
     heartbeat_interval: float = 1.0
-    session_timeout: float = 4.0
+    session_timeout: float = 3.0
     framework_queue: int = 10_000
 
 
@@ -395,7 +395,7 @@ def _seconds(default: float, what: str, help: str) -> Callable[[Any], Any]:
 @_seconds(30.0, "offer-timeout", "Seconds before an unanswered offer is rescinded.")
 @_seconds(1.0, "heartbeat-interval",
           "Seconds between heartbeats to agents and frameworks.")
-@click.option("--session-timeout", type=click.FloatRange(1.0, 60.0), default=4.0,
+@click.option("--session-timeout", type=click.FloatRange(1.0, 60.0), default=3.0,
               show_default=True, help="ZooKeeper session timeout in seconds.")
 @click.option("-v", "--verbose", count=True, help="-v info (the default), -vv debug.")
 def command(zk: str, cluster: str, listen: str, advertise: str, agent_timeout: float,

@@ -56,6 +56,7 @@ __all__ = [
     "key_in_partition",
     "measure_failover",
     "plan_faults",
+    "put_succeeds",
     "run_chaos",
 ]
 
@@ -483,7 +484,7 @@ def measure_failover(cluster: LocalCluster, kills: int, seed: int,
         for i in range(kills):
             p = rng.randrange(cluster.partitions)
             key = key_in_partition(p, cluster.partitions, f"failover-{seed}-{i}-")
-            put_ok = functools.partial(_put_ok, client, key)
+            put_ok = functools.partial(put_succeeds, client, key)
             poll_for(put_ok, timeout, interval=0.01, what=f"a put to partition {p}")
             leader = cluster.leader_of(p)
             assert leader is not None, f"partition {p} has no leader"
@@ -506,9 +507,11 @@ def measure_failover(cluster: LocalCluster, kills: int, seed: int,
     return times
 
 
-def _put_ok(client: Client, key: str) -> bool:
+def put_succeeds(client: Client, key: str | bytes, value: str | bytes = "x", *,
+                 timeout: float | None = None) -> bool:
+    """One put; whether it was acknowledged (a predicate for `poll_for`)."""
     try:
-        client.put(key, "x")
+        client.put(key, value, timeout=timeout)
     except StorageError:
         return False
     return True

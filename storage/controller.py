@@ -8,11 +8,12 @@ wait. The leader:
   a versioned write (epochs are never reused, even across controller crashes), (2) ask
   the replicas to promise e+1, (3) from a majority that promised pick the replica with
   the highest last (epoch, index), (4) write it with a versioned write;
-- re-runs that path for every partition whose leader's liveness node is gone, or whose
-  leader refuses connections (a health probe every `probe_interval`: a killed process
-  refuses at once, so failover need not wait for its ZooKeeper session to expire; a
-  frozen one does not refuse, and waits for the session — the Promise majority keeps
-  either case safe);
+- re-runs that path for every partition whose leader's liveness node is gone, whose
+  leader refuses connections, or whose leader it suspects (`FailureDetector`: a health
+  probe every `probe_interval`; a killed process refuses at once, a frozen one is
+  suspected once its probes have timed out in a row for `suspect_after` seconds — either
+  way failover need not wait for the node's ZooKeeper session to expire, and the Promise
+  majority keeps it safe whatever triggered it);
 - moves leadership away from a node that announces it is leaving (`leaving/<node>`,
   written by a node on SIGTERM once its followers have caught up), so a rolling restart
   needs no failover;
@@ -21,7 +22,15 @@ wait. The leader:
 
 Every map write is a compare-and-set on the znode version, so a deposed controller that
 still runs can never overwrite its successor's decisions. While the ZooKeeper session
-is SUSPENDED or LOST the controller makes no decision.
+is SUSPENDED or LOST the controller makes no decision, and gathers no suspicion: once
+it is CONNECTED again every node must stay silent for a whole new window to be suspected.
+
+Failpoint (tests only): with `RINGSTORE_FAILPOINT_HOLD_LEADER_WRITE=<seconds>` in its
+environment, a controller that fails a partition over away from a named leader logs
+`failpoint: holding ... partition=<p>` once a majority has promised the new epoch, and
+waits that long before writing the leader, so a test can kill it mid-failover
+(tests/integration/test_controller_failover.py). Neither the first placement, nor a
+hand-off, nor a successor that finds the epoch reserved with no leader holds.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from scheduler.coord import CoordError, Coordinator, Election, NodeExists, VersionConflict
 from storage import directory
 from storage.directory import NodeRecord, Paths
+from storage.failure_detector import FailureDetector, Probe
 from storage.partition import (
     DEFAULT_PARTITIONS,
     DEFAULT_REPLICATION,
@@ -59,6 +69,7 @@ log = logging.getLogger(__name__)
 PROMISE_TIMEOUT = 1.0
 ELECTION_CONCURRENCY = 32
 PROBE_TIMEOUT = 0.5
+HOLD_FAILPOINT = "RINGSTORE_FAILPOINT_HOLD_LEADER_WRITE"
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,13 @@ class ControllerOptions:
     session_timeout: float = 4.0
     interval: float = 1.0
     probe_interval: float = 0.25
+    # A node whose health probes have all timed out for this long is suspected and its
+    # leaderships fail over. Above the lease (1 s), which the followers make a failover
+    # wait out anyway; half the nodes' session timeout, so a SIGSTOPped leader is
+    # replaced about 2 s sooner than by its session's expiry; and 4x the probe timeout,
+    # so only a node that answered nothing for 2 s (3 probes in a row), not one slowed
+    # by a loaded machine, is suspected (docs/architecture.md, failure detection).
+    suspect_after: float = 2.0
     rebalance_interval: float = 5.0
 
 
@@ -92,8 +110,9 @@ class Controller:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._electing: set[int] = set()
-        self.refusing: set[str] = set()  # nodes whose gRPC port refuses connections
+        self.detector = FailureDetector(options.suspect_after)
         self._live: set[str] = set()
+        self._hold = float(os.environ.get(HOLD_FAILPOINT) or 0)  # seconds; tests only
         self._last_rebalance = 0.0
         self._announced = False
 
@@ -110,6 +129,7 @@ class Controller:
                     break
                 self.leading = True
                 self._announced = False
+                self.detector = FailureDetector(self.options.suspect_after)
                 log.info("controller leading id=%s", self.id)
                 probe = asyncio.create_task(self._probe_loop(), name="probe")
                 try:
@@ -131,6 +151,8 @@ class Controller:
             log.warning("controller session %s: pausing decisions id=%s", state, self.id)
         if state == "LOST":
             self.leading = False
+        if state != "CONNECTED":
+            self.detector.reset()
         self._wake.set()
 
     async def _lead(self) -> None:
@@ -154,7 +176,7 @@ class Controller:
         view = await directory.read_view(self.coord, self.paths)
         self.peers.update({n: r.address for n, r in view.nodes.items()})
         self._live = {n for n in view.live if n in view.nodes}
-        live = self._live - self.refusing
+        live = self._live - self.detector.down
         pmap = view.map
         if pmap is None:
             members = [Member(n, view.nodes[n].domain) for n in sorted(live)
@@ -186,7 +208,10 @@ class Controller:
             await self._elect_all(handing, live, leaving)
         await self._promote(view.nodes, view.live, pmap, live)
         if not orphaned and not handing:
-            await self._rebalance_leaders(pmap, live - leaving)
+            # Not back to a node suspected lately: one that froze may freeze again.
+            now = asyncio.get_running_loop().time()
+            shaky = self.detector.recently_suspected(now, 2 * self.options.rebalance_interval)
+            await self._rebalance_leaders(pmap, live - leaving - shaky)
 
     async def _rebalance_leaders(self, pmap: PartitionMap, live: set[str]) -> None:
         """Move leaderships back to their planned replica (the first of each set) where a
@@ -301,10 +326,15 @@ class Controller:
                         sorted(promised))
             return False
         best = max(promised.values())
-        preferred = {n: pos for n, pos in promised.items() if n not in (avoid or set())}
+        preferred = {n: pos for n, pos in promised.items()
+                     if n not in (avoid or set()) and n in live}
         leader = choose_leader(preferred if preferred and max(preferred.values()) == best
                                else promised, current.replicas)
         chosen = Assignment(p, epoch, leader, current.replicas, current.learners)
+        if self._hold and current.leader and not avoid:
+            log.warning("failpoint: holding before writing the leader partition=%d epoch=%d "
+                        "seconds=%s", p, epoch, self._hold)
+            await asyncio.sleep(self._hold)
         if not self.coord.connected or not self.leading:
             return False
         try:
@@ -362,40 +392,58 @@ class Controller:
                 response = await stub.Promise(request, timeout=PROMISE_TIMEOUT)
             except grpc.aio.AioRpcError:
                 return node, None
+            self.detector.heard_from(node)
             if response.promised or not response.retry_after_ms:
                 return node, response
             await asyncio.sleep(min(response.retry_after_ms / 1000, 2.0))
         return node, None
 
     async def _probe_loop(self) -> None:
-        """Health-probe every live node; a refused connection marks it down at once."""
+        """Health-probe every live node each `probe_interval`; feed the failure detector
+        and reconcile at once when the set of nodes taken as down changes."""
+        loop = asyncio.get_running_loop()
+        detector = self.detector
         while self.leading:
             await asyncio.sleep(self.options.probe_interval)
             nodes = sorted(self._live)  # one snapshot: reconcile may replace _live meanwhile
+            sent_at = loop.time()
             try:
                 results = await asyncio.gather(*(self._probe(n) for n in nodes))
             except Exception:
                 log.exception("probe round failed")
                 continue
-            refusing = {n for n, refused in zip(nodes, results, strict=True) if refused}
-            if refusing != self.refusing:
-                if refusing - self.refusing:
-                    log.warning("nodes refuse connections: %s", sorted(refusing - self.refusing))
-                self.refusing = refusing
+            now = loop.time()
+            before = detector.down
+            was_suspected, was_refusing = detector.suspected, detector.refusing
+            detector.observe(sent_at, now, dict(zip(nodes, results, strict=True)),
+                             count_silence=self.coord.connected)
+            if detector.refusing - was_refusing:
+                log.warning("nodes refuse connections: %s",
+                            sorted(detector.refusing - was_refusing))
+            for node in sorted(detector.suspected - was_suspected):
+                log.warning("suspecting node=%s: no probe answered for %.2fs", node,
+                            detector.silent_for(node, now))
+            for node in sorted(was_suspected - detector.suspected):
+                log.info("node no longer suspected node=%s: %s", node,
+                         "it answers again" if node in nodes else "it is no longer live")
+            if detector.down != before:
                 self._wake.set()
 
-    async def _probe(self, node: str) -> bool:
-        """True if `node` refuses connections (its process is gone); False otherwise,
-        including a timeout: a frozen or slow node is left to its ZooKeeper session."""
+    async def _probe(self, node: str) -> Probe:
+        """One health check of `node`, bounded by PROBE_TIMEOUT."""
         channel = self.peers.channel(node)
         if channel is None:
-            return False
+            return Probe.ANSWERED  # no address yet: nothing to judge by
         try:
             await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=PROBE_TIMEOUT)
         except grpc.aio.AioRpcError as exc:
-            return exc.code() == grpc.StatusCode.UNAVAILABLE
-        return False
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                return Probe.REFUSED
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return Probe.SILENT
+            # Any other status came from the node's server: it is running.
+        return Probe.ANSWERED
 
     async def _promote(self, nodes: dict[str, NodeRecord], live: dict[str, dict[str, Any]],
                        pmap: PartitionMap, serving: set[str]) -> None:

@@ -88,17 +88,22 @@ def node_command(node_id: str, listen: str, advertise: str, data_dir: Path, zk: 
 @click.option("--expect-nodes", type=click.IntRange(1, 1000), default=3, show_default=True,
               help="Live nodes needed before the first placement.")
 @click.option("--id", "controller_id", default="", help="Controller id (default: by pid).")
+@click.option("--suspect-after", type=click.FloatRange(0.5, 60.0), default=2.0,
+              show_default=True,
+              help="Seconds of unanswered health probes before a node's leaderships fail "
+                   "over (a refused connection fails them over at once).")
 @session_option
 @verbose_option
 def controller_command(zk: str, cluster: str, partitions: int, replication: int,
-                       expect_nodes: int, controller_id: str, session_timeout: float,
-                       verbose: int) -> None:
+                       expect_nodes: int, controller_id: str, suspect_after: float,
+                       session_timeout: float, verbose: int) -> None:
     """Run the ring controller (leader-elected) until SIGTERM."""
     configure_logging(max(verbose, 1))
     try:
         options = ControllerOptions(zk=zk, cluster=cluster, partitions=partitions,
                                     replication=replication, expect_nodes=expect_nodes,
                                     controller_id=controller_id,
+                                    suspect_after=suspect_after,
                                     session_timeout=session_timeout)
         asyncio.run(run_controller(options))
     except ValueError as exc:

@@ -62,6 +62,7 @@ class LocalCluster:
     controllers: int = 1
     sync: bool = False
     session_timeout: float = 4.0
+    controller_env: dict[str, str] = field(default_factory=dict)  # added to their environment
     zookeeper: ZooKeeperServer | None = None
     node_processes: dict[str, NodeProcess] = field(default_factory=dict)
     controller_processes: list[Process] = field(default_factory=list)
@@ -109,7 +110,8 @@ class LocalCluster:
                 "--partitions", str(self.partitions), "--replication", str(self.replication),
                 "--expect-nodes", str(min(self.nodes, max(self.replication, 1))),
                 "--id", f"controller-{number}", "--session-timeout", str(self.session_timeout)]
-        return spawn(argv, name=f"controller-{number}", log_dir=self.log_dir)
+        env = {**os.environ, **self.controller_env} if self.controller_env else None
+        return spawn(argv, name=f"controller-{number}", log_dir=self.log_dir, env=env)
 
     def start_node(self, node_id: str) -> Process:
         node = self.node_processes[node_id]
@@ -147,6 +149,19 @@ class LocalCluster:
         if process is not None:
             process.cont()
         self.paused.discard(node_id)
+
+    def pause_zookeeper(self) -> None:
+        """SIGSTOP the ZooKeeper server this cluster started (not one given as `zk`): every
+        session's connection goes silent, SUSPENDED, and may expire when it resumes."""
+        if self.zookeeper is None:
+            raise RuntimeError("this cluster did not start its ZooKeeper; it cannot pause it")
+        self.zookeeper.process.stop()
+
+    def resume_zookeeper(self) -> None:
+        """SIGCONT the ZooKeeper server frozen by `pause_zookeeper`."""
+        if self.zookeeper is None:
+            raise RuntimeError("this cluster did not start its ZooKeeper; it cannot resume it")
+        self.zookeeper.process.cont()
 
     def node_alive(self, node_id: str) -> bool:
         """The node's process runs (a paused process counts as running)."""
@@ -190,6 +205,20 @@ class LocalCluster:
             return pids.get(pid)
         return None
 
+    def assignment(self, partition: int, timeout: float = 5.0) -> dict[str, Any] | None:
+        """The partition's record as the controller last wrote it in ZooKeeper (`epoch`,
+        `leader`, ...), ahead of the map the nodes serve; None if absent or unreadable."""
+        assert self.zk is not None
+        try:
+            records = read_tree(self.zk, Paths(self.cluster).partitions, timeout=timeout)
+        except CoordError:
+            return None
+        raw = records.get(Paths(self.cluster).partition(partition).rsplit("/", 1)[-1])
+        if raw is None:
+            return None
+        record: dict[str, Any] = json.loads(raw)
+        return record
+
     def leader_of(self, partition: int, timeout: float = 2.0) -> Leader | None:
         """The partition's leader in the newest map served by a running, unpaused node;
         None if no node answers or the map names no leader."""
@@ -212,6 +241,21 @@ class LocalCluster:
             return None
         address = {n.id: n.address for n in best.nodes}.get(entry.leader, "")
         return Leader(entry.leader, address, entry.epoch)
+
+    def partition_led_as_planned(self, timeout: float = 30.0) -> int:
+        """A partition led by the first replica of its set. The controller's leader
+        rebalancing never moves such a leadership, so a test may count on it until it
+        injects a fault."""
+        found: list[int] = []
+
+        def look() -> bool:
+            pmap = self.partition_map()
+            found[:] = [e.id for e in pmap.entries
+                        if e.leader and e.replicas and e.leader == e.replicas[0]] if pmap else []
+            return bool(found)
+
+        poll_for(look, timeout, interval=0.1, what="a partition led by its planned replica")
+        return found[0]
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop every process this cluster started, by PID. Idempotent."""

@@ -14,6 +14,11 @@ Start-up order (each step is a precondition of the next):
 A node whose directory is empty while ZooKeeper records another incarnation for its id
 (a wiped disk) answers no Promise and counts in no quorum (DESIGN §6, incarnations).
 
+Session gating: from the moment the ZooKeeper session is not CONNECTED (SUSPENDED, LOST)
+until it is CONNECTED again *and* the map has been re-read from ZooKeeper since, the
+node's leaders acknowledge no write and serve no LINEARIZABLE or LEASE read
+(`Replicas.set_serving`): only then does the node know its standing.
+
 Status: INIT -> RUNNING -> CLOSING -> CLOSED; `close()` is idempotent.
 """
 
@@ -96,6 +101,8 @@ class StorageNode:
         self.live: set[str] = set()
         self._refresh_task: asyncio.Task[None] | None = None
         self._refresh_again = False
+        self._session_epoch = 0  # +1 at every ZooKeeper state change
+        self._standing_epoch = -1  # the one in which a map re-read must end to serve
         self._stopped = asyncio.Event()
         self._register_task: asyncio.Task[None] | None = None
         self.draining = False  # leadership is being handed off: refuse new writes
@@ -338,8 +345,15 @@ class StorageNode:
         self._register_task = asyncio.create_task(self._register(), name="re-register")
 
     def _on_session_state(self, state: str) -> None:
-        if self.replicas is not None:
-            self.replicas.serving = state == "CONNECTED"
+        if self.replicas is None:
+            return
+        self._session_epoch += 1
+        if state != "CONNECTED":
+            self.replicas.set_serving(False, state)
+            return
+        # Serve again only once a map read that began after this reconnection has ended.
+        self._standing_epoch = self._session_epoch
+        self._schedule_refresh()
 
     def _schedule_refresh(self) -> None:
         if self.status in (Status.CLOSING, Status.CLOSED):
@@ -354,6 +368,7 @@ class StorageNode:
         assert self.coord is not None and self.replicas is not None
         while True:
             self._refresh_again = False
+            began = self._session_epoch
             try:
                 view = await directory.read_view(self.coord, self.paths)
             except Exception:
@@ -372,6 +387,9 @@ class StorageNode:
                     for a in view.map.assignments:
                         if old is None or old.assignments[a.partition] != a:
                             self.replicas.assign(a)
+                if began == self._session_epoch == self._standing_epoch \
+                        and self.coord.connected:
+                    self.replicas.set_serving(True, "ZooKeeper session connected, map re-read")
             if not self._refresh_again or self.status in (Status.CLOSING, Status.CLOSED):
                 return
 

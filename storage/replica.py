@@ -25,7 +25,9 @@ Invariants:
 - The promised epoch is persisted before a Promise or an Append in a higher epoch is
   answered; it never decreases.
 - A leader acknowledges no write and serves no LINEARIZABLE or LEASE read until the
-  no-op of its epoch is committed, nor while its ZooKeeper session is not known alive.
+  no-op of its epoch is committed, nor while its ZooKeeper session is not known alive
+  (`serving`, set by the node): writes in flight when the session goes fail as
+  Unavailable (they may or may not be applied), and waiting reads fail at once.
 - Everything between reading replica state and writing the engine batch runs without
   an `await`, so asyncio interleaving cannot split a decision from its effect (here:
   `_flush`, `handle_append`; likewise the apply pass and a snapshot's install).
@@ -216,6 +218,22 @@ class Replicas:
         """The replicas this node leads, in the order it came to lead them."""
         return self._led.values()
 
+    def set_serving(self, serving: bool, why: str) -> None:
+        """Whether this node's ZooKeeper session is known alive (and the map re-read since).
+        While not, leaders acknowledge nothing: writes waiting for their commit fail as
+        Unavailable and waiting reads are woken to fail."""
+        if serving == self.serving:
+            return
+        self.serving = serving
+        led = list(self._led.values())
+        if serving:
+            log.info("serving again node=%s leading=%d (%s)", self.node_id, len(led), why)
+            return
+        log.warning("not serving node=%s leading=%d: %s", self.node_id, len(led), why)
+        for r in led:
+            self._fail_waiters(r, f"this node's ZooKeeper session is {why}")
+            r.notify()
+
     def set_voter(self, voter: bool) -> None:
         """Whether this node's replicas promise and count in quorums (false for a wiped
         directory until the controller records its incarnation)."""
@@ -291,13 +309,16 @@ class Replicas:
         r.confirm_need.clear()
         if lp is not None:
             log.info("stepped down partition=%d epoch=%d reason=%s", r.partition, lp.epoch, why)
+        self._fail_waiters(r, f"leadership lost ({why})")
+        r.notify()
+
+    def _fail_waiters(self, r: PartitionReplica, why: str) -> None:
         waiters, r.waiters = r.waiters, {}
         for fut in waiters.values():
             if not fut.done():
                 fut.set_exception(Unavailable(
-                    f"partition {r.partition}: leadership lost ({why}); the write may or may "
-                    "not have been applied", partition=r.partition))
-        r.notify()
+                    f"partition {r.partition}: {why}; the write may or may not have been "
+                    "applied", partition=r.partition))
 
     # -- writes ------------------------------------------------------------------
 
@@ -314,8 +335,7 @@ class Replicas:
         if r is None or lp is None:
             raise self._not_leader(p)
         if not self.serving:
-            raise Unavailable(f"partition {p}: this node's ZooKeeper session is not known "
-                              "alive; refusing writes until it is", partition=p)
+            raise self._not_serving(p, "writes")
         future: asyncio.Future[ApplyResult] = asyncio.get_running_loop().create_future()
         self._propose(r, replica_pb2.LogEntry(epoch=lp.epoch, command=command), future)
         return future
@@ -338,6 +358,10 @@ class Replicas:
             if lp is None or lp.epoch != entry.epoch:
                 if future is not None and not future.done():
                     future.set_exception(self._not_leader(r.partition))
+                continue
+            if future is not None and not self.serving:  # the session went this turn
+                if not future.done():
+                    future.set_exception(self._not_serving(r.partition, "writes"))
                 continue
             index = r.last.index + 1
             entry.index = index
@@ -428,8 +452,7 @@ class Replicas:
             raise self._not_leader(p)
         lp = r.leader
         if not self.serving:
-            raise Unavailable(f"partition {p}: this node's ZooKeeper session is not known "
-                              "alive; refusing reads until it is", partition=p)
+            raise self._not_serving(p, "reads")
         if not lp.ready:
             await self._wait(r, lambda: self._check_leader(r, lp) and lp.ready)
         return lp
@@ -438,8 +461,7 @@ class Replicas:
         if r.leader is not lp:
             raise self._not_leader(r.partition)
         if not self.serving:
-            raise Unavailable(f"partition {r.partition}: ZooKeeper session not known alive",
-                              partition=r.partition)
+            raise self._not_serving(r.partition, "reads")
         return True
 
     async def _wait(self, r: PartitionReplica, ready: Callable[[], bool]) -> None:
@@ -604,6 +626,11 @@ class Replicas:
         return await self.catchup.install_snapshot(chunks)
 
     # -- errors --------------------------------------------------------------------
+
+    @staticmethod
+    def _not_serving(p: int, what: str) -> Unavailable:
+        return Unavailable(f"partition {p}: this node's ZooKeeper session is not known "
+                           f"alive; refusing {what} until it is", partition=p)
 
     def _not_leader(self, p: int) -> StorageError:
         leader_id, address, epoch = self.hint(p)

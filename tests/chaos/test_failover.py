@@ -35,7 +35,8 @@ def test_failover_time(fault: str, zk: str, tmp_path: Path) -> None:
     ordered = sorted(samples)
     stats = {
         "fault": fault,
-        "command": f"pytest -m slow tests/chaos/test_failover.py -k {fault}",
+        "command": f"RINGSTORE_FAILOVER_KILLS={KILLS} flock /tmp/ringstore-bench.lock "
+                   f".venv/bin/pytest -m slow tests/chaos/test_failover.py -k {fault} -s",
         "seed": seed,
         "kills": len(samples),
         "session_timeout_s": cluster.session_timeout,

@@ -24,7 +24,7 @@ from scheduler.v1 import scheduler_pb2 as pb
 from scheduler.v1 import scheduler_pb2_grpc as pb_grpc
 
 KILLS = int(os.environ.get("RINGSTORE_MASTER_KILLS", "10"))
-SESSION = 4.0
+SESSION = 3.0  # the master default
 
 
 async def leading_state(addresses: list[str], dead: str) -> pb.ClusterState | None:

@@ -33,6 +33,7 @@ PURE_MODULES = (
     "storage/limits.py",
     "storage/routing.py",
     "storage/coalescing.py",
+    "storage/failure_detector.py",
     "scheduler/state.py",
     "scheduler/allocator.py",
     "scheduler/resources.py",
