@@ -2,10 +2,11 @@
 
 It finds the leader through ZooKeeper (scheduler.registry), attaches to it (Master.Attach,
 a bidi stream), registers with its checkpointed id and tasks, heartbeats, launches and
-kills tasks (scheduler.executor) and reports every state change. It serves the Agent
-service (ReadFile: sandbox output). Invariants:
+kills tasks (scheduler.executor, from TaskInfo by scheduler.taskinfo) and reports every
+state change. It serves the Agent service (scheduler.agent_service: sandbox output).
+Invariants:
 
-- status updates: each gets a uuid and is checkpointed (scheduler.checkpoint) before it is
+- status updates (scheduler.updates): each gets a uuid and is checkpointed before it is
   sent; per task only the oldest unacknowledged update is in flight, resent every
   --status-retry-interval and after every re-attach, until the master forwards the
   framework's acknowledgement. Updates may be duplicated, never lost or reordered;
@@ -23,38 +24,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import socket
 import sys
-import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
 import click
 import grpc
 from google.protobuf import json_format
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from scheduler import registry
+from scheduler.agent_service import AgentService
 from scheduler.checkpoint import Checkpoint, TaskRecord, VolumeDirs
 from scheduler.coord import CoordError, Coordinator
-from scheduler.executor import Executor, Outcome, TaskSpec, VolumeMount, expand_ports
-from scheduler.health import HealthSpec
+from scheduler.executor import Executor, Outcome, TaskSpec
 from scheduler.resources import ResourceError, Resources, parse_attributes
+from scheduler.taskinfo import task_spec
+from scheduler.updates import Outbox, StatusUpdates
 from scheduler.v1 import scheduler_pb2 as pb
 from scheduler.v1 import scheduler_pb2_grpc as pb_grpc
-from scheduler.wire import attributes_to_pb, resources_from_pb, resources_to_pb
+from scheduler.wire import attributes_to_pb, resources_to_pb
 
 __all__ = ["Agent", "AgentOptions", "command", "run_agent"]
 
 log = logging.getLogger(__name__)
 
-READ_LIMIT = 1024 * 1024
 _REGISTER_TIMEOUT = 5.0
 _RECONNECT_DELAY = 0.3
 
@@ -74,20 +71,8 @@ class AgentOptions:
     poll_interval: float = 0.25
 
 
-def _safe_name(ident: str) -> bool:
-    return bool(ident) and "/" not in ident and "\0" not in ident and ident not in (".", "..")
-
-
 def _to_dict(message: Any) -> dict[str, Any]:
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
-
-
-async def grpc_health_probe(port: int, service: str, timeout: float) -> bool:
-    """grpc.health.v1 Check on 127.0.0.1:port: True if SERVING."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        reply = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=timeout)
-    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
 class Agent:
@@ -109,9 +94,10 @@ class Agent:
                                  name="agent")
         self.server: grpc.aio.Server | None = None
         self.registered = asyncio.Event()
-        self._outbox: asyncio.Queue[pb.AgentMessage | None] | None = None
-        self._sent_at: dict[tuple[str, str], tuple[str, float]] = {}
+        self.updates = StatusUpdates(self.checkpoint, options.status_retry_interval,
+                                     lambda: self.agent_id)
         self._leader_changed = asyncio.Event()
+        self._contenders = 0  # masters in the election, as last seen
         self._background: set[asyncio.Task[Any]] = set()
         self._closed = False
         self._last_failure = ""
@@ -122,7 +108,8 @@ class Agent:
         self.agent_id = self.checkpoint.agent_id()
         self._sync_volumes()
         self.server = grpc.aio.server()
-        pb_grpc.add_AgentServicer_to_server(_AgentService(self), self.server)
+        pb_grpc.add_AgentServicer_to_server(AgentService(self.work_dir / "sandboxes"),
+                                            self.server)
         port = self.server.add_insecure_port(self.options.listen)
         host = self.options.listen.rpartition(":")[0] or "127.0.0.1"
         self.address = f"{host}:{port}"
@@ -130,9 +117,9 @@ class Agent:
         self._recover()
         await self.coord.start()
         self.coord.watch_children(registry.masters_path(self.options.cluster),
-                                  lambda _children: self._leader_changed.set())
+                                  self._election_changed)
         self._spawn(self._connect_loop(), "connect")
-        self._spawn(self._retry_loop(), "retry updates")
+        self._spawn(self.updates.resend(self.records.values), "resend updates")
         log.info("agent started id=%s address=%s work_dir=%s tasks=%s", self.agent_id or "-",
                  self.address, self.work_dir, len(self.executors))
 
@@ -180,31 +167,8 @@ class Agent:
 
     def task_spec(self, framework_id: str, task: pb.TaskInfo) -> TaskSpec:
         """Raises ValueError (ResourceError) on ids or resources that do not fit."""
-        for ident in (framework_id, task.task_id):
-            if not _safe_name(ident):
-                raise ValueError(f"id {ident!r} cannot name a sandbox directory")
-        resources = resources_from_pb(task.resources)
-        ports = tuple(expand_ports((r.begin, r.end) for r in resources.ranges("ports")))
-        volumes = tuple(
-            VolumeMount(v.volume.persistence_id, v.volume.container_path,
-                        self.volume_path(v.role, v.volume.persistence_id))
-            for v in resources.volumes() if v.volume is not None)
-        health = None
-        check = task.health_check
-        if task.HasField("health_check") and check.kind != pb.HealthCheck.KIND_UNSPECIFIED:
-            health = HealthSpec(
-                kind=pb.HealthCheck.Kind.Name(check.kind), argv=tuple(check.argv),
-                port=check.port or (ports[0] if ports else 0), grpc_service=check.grpc_service,
-                delay=check.delay_seconds, interval=check.interval_seconds or 10.0,
-                timeout=check.timeout_seconds or 20.0,
-                consecutive_failures=check.consecutive_failures or 3,
-                grace=check.grace_period_seconds, kill_on_failure=check.kill_on_failure)
-        mem = resources.scalar("mem")
-        return TaskSpec(framework_id, task.task_id, tuple(task.command.argv),
-                        dict(task.command.environment), ports, volumes,
-                        mem_mib=mem or None,
-                        kill_grace=task.kill_grace_period_seconds or self.options.kill_grace,
-                        health=health)
+        return task_spec(framework_id, task, volume_path=self.volume_path,
+                         kill_grace=self.options.kill_grace)
 
     def _executor(self, record: TaskRecord, spec: TaskSpec) -> Executor:
         key = (record.framework_id, record.task_id)
@@ -219,7 +183,6 @@ class Agent:
 
         executor = Executor(spec, self.sandbox(*key), agent_id=self.agent_id,
                             before_kill=before_kill, on_health=on_health,
-                            grpc_probe=grpc_health_probe,
                             poll_interval=self.options.poll_interval)
         self.executors[key] = executor
         return executor
@@ -306,61 +269,24 @@ class Agent:
             return
         executor.kill(grace or executor.spec.kill_grace, reason, "")
 
-    # -- status updates ----------------------------------------------------------
+    # -- status updates (scheduler.updates) ---------------------------------------
 
     def report(self, record: TaskRecord, state: str, *, reason: str = "", message: str = "",
                exit_code: int | None = None, healthy: bool | None = None) -> None:
-        """Checkpoint a status update for `record`'s task, then send it when its turn comes."""
-        status = pb.TaskStatus(
-            task_id=record.task_id, framework_id=record.framework_id, agent_id=self.agent_id,
-            state=pb.TaskState.Value(state), source=pb.SOURCE_AGENT,
-            reason=pb.StatusReason.Value(reason or "REASON_UNSPECIFIED"), message=message,
-            uuid=uuid.uuid4().bytes, timestamp=time.time())
-        if exit_code is not None:
-            status.exit_code = exit_code
-        if healthy is not None:
-            status.healthy = healthy
-        record.state = state
-        record.updates.append({"uuid": status.uuid.hex(), "status": _to_dict(status)})
-        self.checkpoint.save_task(record)
-        log.info("status update task=%s/%s state=%s reason=%s message=%s", record.framework_id,
-                 record.task_id, state, reason, message)
-        self._send_head(record)
-
-    def _send_head(self, record: TaskRecord, *, force: bool = False) -> None:
-        key = (record.framework_id, record.task_id)
-        if not record.updates or self._outbox is None or not self.registered.is_set():
-            return
-        head = record.updates[0]
-        sent = self._sent_at.get(key)
-        now = time.monotonic()
-        if (not force and sent is not None and sent[0] == head["uuid"]
-                and now - sent[1] < self.options.status_retry_interval):
-            return
-        status = json_format.ParseDict(head["status"], pb.TaskStatus())
-        status.agent_id = self.agent_id
-        self._sent_at[key] = (head["uuid"], now)
-        self._outbox.put_nowait(pb.AgentMessage(update=pb.AgentMessage.Update(status=status)))
+        self.updates.report(record, state, reason=reason, message=message,
+                            exit_code=exit_code, healthy=healthy)
 
     def acknowledge(self, framework_id: str, task_id: str, uuid_: bytes) -> None:
         key = (framework_id, task_id)
         record = self.records.get(key)
-        if record is None or not record.updates or record.updates[0]["uuid"] != uuid_.hex():
+        if record is None or not self.updates.acknowledged(record, uuid_):
             return  # a duplicate acknowledgement
-        record.updates.pop(0)
-        self._sent_at.pop(key, None)
         if record.terminal and not record.updates and key not in self.executors:
             del self.records[key]
             self.checkpoint.remove_task(framework_id, task_id)
         else:
             self.checkpoint.save_task(record)
-            self._send_head(record)
-
-    async def _retry_loop(self) -> None:
-        while True:
-            for record in list(self.records.values()):
-                self._send_head(record)
-            await asyncio.sleep(min(self.options.status_retry_interval / 4, 0.25))
+            self.updates.send_head(record)
 
     # -- the master --------------------------------------------------------------
 
@@ -401,9 +327,13 @@ class Agent:
                     log.exception("stream to master=%s failed", leader)
                 finally:
                     self.registered.clear()
-                    self._outbox = None
+                    self.updates.detached()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._leader_changed.wait(), _RECONNECT_DELAY)
+
+    def _election_changed(self, contenders: list[str]) -> None:
+        self._contenders = len(contenders)
+        self._leader_changed.set()
 
     def _log_lost(self, leader: str, why: str) -> None:
         """INFO once per distinct failure, DEBUG while it repeats (retries are frequent)."""
@@ -412,7 +342,7 @@ class Agent:
         log.log(level, "stream to master=%s ended: %s", leader, why)
 
     async def _attach(self, leader: str) -> None:
-        outbox: asyncio.Queue[pb.AgentMessage | None] = asyncio.Queue()
+        outbox: Outbox = asyncio.Queue()
         outbox.put_nowait(self.register_message())
 
         async def messages() -> AsyncIterator[pb.AgentMessage]:
@@ -427,11 +357,8 @@ class Agent:
                     raise ConnectionError(f"master {leader} did not register us: {first}")
                 self._registered(first.registered)
                 self._last_failure = ""
-                self._outbox = outbox
                 self.registered.set()
-                self._sent_at.clear()
-                for record in list(self.records.values()):
-                    self._send_head(record, force=True)
+                self.updates.attached(outbox, list(self.records.values()))
                 interval = first.registered.heartbeat_interval_seconds or 1.0
                 beats = self._spawn(self._heartbeat(outbox, interval), "heartbeat")
                 try:
@@ -453,8 +380,7 @@ class Agent:
                 executor.agent_id = self.agent_id
         log.info("registered id=%s", self.agent_id)
 
-    async def _heartbeat(self, outbox: asyncio.Queue[pb.AgentMessage | None],
-                         interval: float) -> None:
+    async def _heartbeat(self, outbox: Outbox, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
             outbox.put_nowait(pb.AgentMessage(heartbeat=pb.AgentMessage.Heartbeat()))
@@ -490,6 +416,8 @@ class Agent:
                         log.info("the leading master changed from=%s to=%s", leader, leading)
                         self._leader_changed.set()
                         return
+                    log.info("the election changed, its leader did not master=%s "
+                             "contenders=%s", leader, self._contenders)
         finally:
             if reading is not None:
                 reading.cancel()
@@ -517,30 +445,6 @@ class Agent:
                 self.kill_task(fid, tid, 0, "REASON_FRAMEWORK_REMOVED")
         elif kind == "registered":
             self._registered(message.registered)
-
-
-class _AgentService(pb_grpc.AgentServicer):
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-
-    async def ReadFile(self, request: pb.ReadFileRequest,
-                       context: grpc.aio.ServicerContext[Any, Any]) -> pb.ReadFileResponse:
-        if request.name not in ("stdout", "stderr"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"name must be stdout or stderr, not {request.name!r}")
-        root = self.agent.work_dir / "sandboxes"
-        candidates = [p / request.name for p in root.glob(f"*/{glob_escape(request.task_id)}")
-                      if _safe_name(request.task_id) and (p / request.name).is_file()]
-        if not candidates:
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"no sandbox for task {request.task_id!r} on this agent")
-        path = max(candidates, key=lambda p: p.stat().st_mtime)
-        length = min(request.length or READ_LIMIT, READ_LIMIT)
-        with path.open("rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            f.seek(request.offset)
-            data = f.read(length)
-        return pb.ReadFileResponse(data=data, size=size)
 
 
 async def run_agent(options: AgentOptions) -> None:
@@ -581,16 +485,21 @@ def command(zk: str, cluster: str, work_dir: Path, resources: str, attributes: s
             listen: str, hostname: str, status_retry_interval: float, kill_grace: float,
             session_timeout: float, verbose: int) -> None:
     """Run an agent until SIGTERM (its tasks keep running and are recovered on restart)."""
+    # Checked before anything is configured or created: a malformed flag changes nothing.
+    for flag, check, value, example in (
+            ("--resources", Resources.parse, resources, "cpus:2;mem:4096;ports:[31000-31999]"),
+            ("--attributes", parse_attributes, attributes, "zone:a;rack:r1")):
+        try:
+            check(value)
+        except ResourceError as exc:
+            reason = " ".join(str(exc).split())
+            click.echo(f"error: {flag} {value!r} is malformed: {reason}; "
+                       f"write it like {example!r}", err=True)
+            raise click.exceptions.Exit(2) from None
     level = logging.DEBUG if verbose > 1 else logging.INFO
     logging.basicConfig(level=level, stream=sys.stderr, force=True,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("kazoo").setLevel(logging.WARNING)
-    for flag, check, value in (("--resources", Resources.parse, resources),
-                               ("--attributes", parse_attributes, attributes)):
-        try:
-            check(value)
-        except ResourceError as exc:
-            raise click.BadParameter(str(exc), param_hint=f"'{flag}'") from None
     options = AgentOptions(zk=zk, cluster=cluster, work_dir=work_dir, resources=resources,
                            attributes=attributes, listen=listen, hostname=hostname,
                            status_retry_interval=status_retry_interval,

@@ -1,6 +1,6 @@
 """Running one task: sandbox, environment, ports, volumes, launch, memory limit, kill.
 
-A task runs under the exit-status wrapper of scheduler.process (`spawn_task`), which
+A task runs under the exit-status wrapper of scheduler.task_process (`spawn_task`), which
 leads the task's own session and process group: the agent's death does not touch it,
 and a restarted agent can learn how it ended. `Executor` works the same on a task it
 launched and on one it re-attached to after a restart (`attach`). Invariants:
@@ -34,12 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scheduler.health import GrpcProbe, HealthChecker, HealthSpec, make_probe
-from scheduler.process import (
+from scheduler.process import Process, pid_alive
+from scheduler.task_process import (
     EXIT_STATUS_FILE,
     ExitStatus,
-    Process,
     group_rss_bytes,
-    pid_alive,
     pids_with_argument,
     process_start_time,
     read_exit_status,

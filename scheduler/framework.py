@@ -9,29 +9,32 @@ A framework subclasses `Framework` and overrides the callbacks it cares about; a
   breaks, or 3 heartbeat intervals pass without any event, it finds the (new) leader and
   subscribes again with the same framework id; callbacks continue on the new stream;
 - delivers events to the callbacks one at a time, in the order the master sent them, from
-  one task of its own (so a callback may make calls, even during a failover);
-- acknowledges an UPDATE that carries a uuid after `on_update` returns; an update whose
+  one task of its own (so a callback may make calls, even during a failover), and
+  acknowledges an UPDATE that carries a uuid after `on_update` returns; an update whose
   uuid it has already acknowledged is acknowledged again but not delivered again, so the
-  framework sees each state change of a task once;
+  framework sees each state change of a task once (scheduler.framework_events);
 - makes every call with a deadline (`call_timeout`). A call made while no subscription is
   live waits for one (within that deadline); a call that fails because the master went
   away is retried against the new leader when that is safe (everything but ACCEPT, whose
-  offers die with the master that made them);
+  offers die with the master that made them; scheduler.framework_errors decides);
 - stops for good on an ERROR event (another driver failed over this framework, or the
-  master removed it): `on_error` is called and later calls fail with FAILED_PRECONDITION.
+  master removed it), also one that answers SUBSCRIBE instead of SUBSCRIBED (a removed
+  framework id): `on_error` is called (or, during `start()`, `start()` raises it as a
+  FrameworkError with the master's one line) and later calls fail with
+  FAILED_PRECONDITION.
 
 `close()` ends the subscription without tearing the framework down: the master keeps its
 tasks for its failover timeout, and a new driver with the same framework id takes over.
+TaskInfos for a LAUNCH are built from offers with scheduler.taskinfo (`task`, `fits`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -39,43 +42,28 @@ import grpc
 
 from scheduler.coord import CoordError, Coordinator
 from scheduler.deadline import async_poll_for
-from scheduler.registry import LEADER_METADATA_KEY, leading_master
-from scheduler.resources import UNRESERVED, Range, Resource, Resources
+from scheduler.framework_errors import (
+    FATAL_SUBSCRIBE_CODES,
+    FrameworkError,
+    call_failure,
+    leader_hint,
+    one_line,
+)
+from scheduler.framework_events import EventDelivery
+from scheduler.registry import leading_master
 from scheduler.v1 import scheduler_pb2 as pb
 from scheduler.v1 import scheduler_pb2_grpc as pb_grpc
-from scheduler.wire import resources_from_pb, resources_to_pb
 
 if TYPE_CHECKING:
     from scheduler.v1.scheduler_pb2_grpc import MasterAsyncStub
 
-__all__ = [
-    "Framework",
-    "FrameworkDriver",
-    "FrameworkError",
-    "fits",
-    "offered",
-    "task",
-]
+__all__ = ["Framework", "FrameworkDriver", "FrameworkError"]
 
 log = logging.getLogger(__name__)
 
 
 MISSED_HEARTBEATS = 3
 SUBSCRIBE_TIMEOUT = 3.0  # seconds for a master to answer SUBSCRIBE with SUBSCRIBED
-# Codes with which a master refuses for good: re-subscribing would be refused again.
-FATAL_SUBSCRIBE_CODES = frozenset({
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.PERMISSION_DENIED,
-    grpc.StatusCode.UNAUTHENTICATED,
-    grpc.StatusCode.UNIMPLEMENTED,
-})
-# Codes meaning "this master cannot serve you now": find the leader and try again.
-MASTER_GONE_CODES = frozenset({
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.CANCELLED,
-})
-ACKED_MEMORY = 100_000  # uuids remembered to suppress duplicate updates
 # A master restarted at the same address must be reachable again within a second, not
 # after gRPC's default reconnect backoff (up to two minutes).
 CHANNEL_OPTIONS = (
@@ -83,21 +71,6 @@ CHANNEL_OPTIONS = (
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 )
-
-
-class FrameworkError(Exception):
-    """A call the master refused (or that could not be made in time).
-
-    `code` is the gRPC status code; the message is one line.
-    """
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-    @property
-    def retriable(self) -> bool:
-        return self.code in MASTER_GONE_CODES or self.code == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class Framework:
@@ -122,19 +95,6 @@ class Framework:
         """The master ended this subscription for good; the driver has stopped."""
 
 
-def _leader_hint(exc: grpc.aio.AioRpcError) -> str:
-    metadata = exc.trailing_metadata() or ()
-    for key, value in metadata:
-        if key == LEADER_METADATA_KEY:
-            return value.decode() if isinstance(value, bytes) else str(value)
-    return ""
-
-
-def _one_line(exc: grpc.aio.AioRpcError) -> str:
-    details = (exc.details() or exc.code().name).splitlines()
-    return details[0] if details else exc.code().name
-
-
 class FrameworkDriver:
     """Runs a `Framework` against the cluster's leading master; see the module docstring.
 
@@ -149,8 +109,12 @@ class FrameworkDriver:
         zk: str,
         cluster: str,
         call_timeout: float = 5.0,
+        observe: Callable[[pb.Event], None] | None = None,
     ) -> None:
         self.framework = framework
+        # Sees every event (heartbeats aside) as it arrives, before anything is
+        # de-duplicated or dropped: for tracing, and for tests that count resends.
+        self.observe = observe
         self.info = pb.FrameworkInfo()
         self.info.CopyFrom(info)
         self.zk = zk
@@ -169,14 +133,8 @@ class FrameworkDriver:
         self._subscribed = asyncio.Event()
         self._stopped = asyncio.Event()
         self._fatal: FrameworkError | None = None
-        self._events: asyncio.Queue[tuple[int, pb.Event]] = asyncio.Queue()
-        self._acked: collections.OrderedDict[tuple[str, bytes], None] = (
-            collections.OrderedDict()
-        )
+        self._delivery = EventDelivery(self)
         self._tasks: list[asyncio.Task[None]] = []
-        # Acknowledgements in flight: sent beside the dispatch loop, so one slow round
-        # trip does not hold back the delivery of every event behind it.
-        self._acks: set[asyncio.Task[None]] = set()
         self._closed = False
 
     # -- lifecycle ------------------------------------------------------------------
@@ -195,7 +153,7 @@ class FrameworkDriver:
                                  f"cannot reach ZooKeeper at {self.zk}: {exc}") from None
         self._tasks = [
             asyncio.create_task(self._subscribe_loop(), name="framework-subscribe"),
-            asyncio.create_task(self._dispatch_loop(), name="framework-dispatch"),
+            asyncio.create_task(self._delivery.run(), name="framework-dispatch"),
         ]
         try:
             await self._wait_subscribed(time.monotonic() + timeout)
@@ -211,7 +169,7 @@ class FrameworkDriver:
         self._stopped.set()
         self._subscribed.clear()
         current = asyncio.current_task()
-        everything = [*self._tasks, *self._acks]
+        everything = [*self._tasks, *self._delivery.acks_in_flight()]
         for t in everything:
             if t is not current:
                 t.cancel()
@@ -333,21 +291,15 @@ class FrameworkDriver:
                 await send(stub, fid, sid, max(0.01, deadline - time.monotonic()))
                 return
             except grpc.aio.AioRpcError as exc:
-                code = exc.code()
-                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    raise FrameworkError(code, f"{what} timed out after {self.call_timeout}s: "
-                                               f"{_one_line(exc)}") from None
-                stale = code == grpc.StatusCode.FAILED_PRECONDITION and (
-                    generation != self.subscriptions or not self._subscribed.is_set())
-                if not safe or not (code in MASTER_GONE_CODES or stale):
-                    raise FrameworkError(code, f"{what} failed: {_one_line(exc)}") from None
-                if time.monotonic() >= deadline:
-                    raise FrameworkError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                         f"{what} timed out after {self.call_timeout}s "
-                                         f"during a master failover: {_one_line(exc)}") from None
+                stale = generation != self.subscriptions or not self._subscribed.is_set()
+                error = call_failure(exc, what=what, safe=safe, stale=stale,
+                                     timeout=self.call_timeout,
+                                     out_of_time=time.monotonic() >= deadline)
+                if error is not None:
+                    raise error from None
                 log.info("call retried after failover call=%s code=%s framework=%s",
-                         what, code.name, fid)
-                hint = _leader_hint(exc)
+                         what, exc.code().name, fid)
+                hint = leader_hint(exc)
                 if hint:
                     self._hint = hint
                 # Give the subscribe loop a moment to move to the new leader, then retry
@@ -442,14 +394,14 @@ class FrameworkDriver:
 
     async def _subscribe_failed(self, address: str, exc: grpc.aio.AioRpcError) -> None:
         code = exc.code()
-        hint = _leader_hint(exc)
+        hint = leader_hint(exc)
         if hint and hint != address:
             self._hint = hint
         if code in FATAL_SUBSCRIBE_CODES:
-            await self._stop_fatal(FrameworkError(code, f"SUBSCRIBE refused: {_one_line(exc)}"))
+            await self._stop_fatal(FrameworkError(code, f"SUBSCRIBE refused: {one_line(exc)}"))
             return
         log.info("subscription ended framework=%s master=%s code=%s detail=%s",
-                 self.framework_id, address, code.name, _one_line(exc))
+                 self.framework_id, address, code.name, one_line(exc))
 
     async def _follow(self, address: str) -> bool:
         """Subscribe at `address` and queue its events until the stream ends (False if
@@ -472,21 +424,21 @@ class FrameworkDriver:
                     return generation >= 0
                 assert isinstance(event, pb.Event)
                 kind = event.WhichOneof("event")
+                if self.observe is not None and kind != "heartbeat":
+                    self.observe(event)
+                if kind == "error":
+                    # Before SUBSCRIBED it is the master's answer to SUBSCRIBE (a removed
+                    # framework id, say): subscribing again would be refused again.
+                    await self._master_error(event, subscribed=generation >= 0)
+                    return generation >= 0
                 if kind == "subscribed":
                     generation = self._on_subscribed(event.subscribed, address)
                     silence = MISSED_HEARTBEATS * self.heartbeat_interval
                 elif generation < 0:
                     log.warning("event before SUBSCRIBED ignored kind=%s", kind)
                     continue
-                if kind == "error":
-                    self._events.put_nowait((generation, event))
-                    await self._stop_fatal(FrameworkError(
-                        grpc.StatusCode.FAILED_PRECONDITION,
-                        f"the master ended the subscription: {event.error.message}"),
-                        notify=False)
-                    return True
                 if kind != "heartbeat":
-                    self._events.put_nowait((generation, event))
+                    self._delivery.put(generation, event)
         finally:
             stream.cancel()
 
@@ -502,154 +454,22 @@ class FrameworkDriver:
                  self.framework_id, self.master_address, self.stream_id, self.subscriptions)
         return self.subscriptions
 
+    async def _master_error(self, event: pb.Event, *, subscribed: bool) -> None:
+        """The master's ERROR: stop for good. `on_error` hears of it once the framework has
+        been subscribed; during `start()` the refusal is what `start()` raises."""
+        lines = event.error.message.splitlines()
+        message = lines[0] if lines else "no reason given"
+        what = "the master ended the subscription" if subscribed else "SUBSCRIBE refused"
+        if self.subscriptions > 0:
+            self._delivery.put(self.subscriptions, event)
+        await self._stop_fatal(FrameworkError(grpc.StatusCode.FAILED_PRECONDITION,
+                                              f"{what}: {message}"), notify=False)
+
     async def _stop_fatal(self, error: FrameworkError, *, notify: bool = True) -> None:
         log.warning("framework driver stopped framework=%s reason=%s", self.framework_id, error)
         self._fatal = error
         self._subscribed.clear()
         self._stopped.set()
         if notify:
-            self._events.put_nowait(
-                (self.subscriptions, pb.Event(error=pb.Event.Error(message=str(error)))))
-
-    # -- delivering events --------------------------------------------------------------
-
-    async def _dispatch_loop(self) -> None:
-        while True:
-            generation, event = await self._events.get()
-            try:
-                await self._dispatch(generation, event)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("framework callback failed framework=%s event=%s",
-                              self.framework_id, event.WhichOneof("event"))
-
-    async def _dispatch(self, generation: int, event: pb.Event) -> None:
-        fw = self.framework
-        kind = event.WhichOneof("event")
-        if kind == "subscribed":
-            await fw.on_subscribed(self, event.subscribed.framework_id)
-        elif kind == "offers":
-            if generation != self.subscriptions:
-                return  # offers die with the subscription (and master) that made them
-            await fw.on_offers(self, list(event.offers.offers))
-        elif kind == "rescind":
-            await fw.on_rescind(self, event.rescind.offer_id)
-        elif kind == "update":
-            await self._deliver_update(event.update.status)
-        elif kind == "failure":
-            await fw.on_failure(self, event.failure.agent_id)
-        elif kind == "error":
-            await fw.on_error(self, event.error.message)
-
-    async def _deliver_update(self, status: pb.TaskStatus) -> None:
-        key = (status.task_id, bytes(status.uuid))
-        if not status.uuid:
-            await self.framework.on_update(self, status)
-            return
-        if key not in self._acked:
-            await self.framework.on_update(self, status)
-            self._acked[key] = None
-            while len(self._acked) > ACKED_MEMORY:
-                self._acked.popitem(last=False)
-        else:
-            log.debug("duplicate update acknowledged again task=%s", status.task_id)
-        ack = asyncio.create_task(self._acknowledge_quietly(status))
-        self._acks.add(ack)
-        ack.add_done_callback(self._acks.discard)
-
-    async def _acknowledge_quietly(self, status: pb.TaskStatus) -> None:
-        try:
-            await self.acknowledge(status)
-        except FrameworkError as exc:
-            # The agent resends unacknowledged updates; the next copy is acknowledged.
-            log.info("acknowledge failed task=%s error=%s", status.task_id, exc)
-
-
-# -- building tasks from offers ---------------------------------------------------------
-
-
-def _left(offer: pb.Offer, placed: Sequence[pb.TaskInfo]) -> Resources:
-    """What `offer` holds (volumes aside) beyond the tasks already `placed` in it."""
-    left = resources_from_pb(offer.resources).without_volumes()
-    for info in placed:
-        left = left - resources_from_pb(info.resources).without_volumes()
-    return left
-
-
-def _port_count(left: Resources) -> int:
-    return sum(r.end - r.begin + 1 for r in left.ranges("ports"))
-
-
-def fits(offer: pb.Offer, *, cpus: float = 0.0, mem: float = 0.0, disk: float = 0.0,
-         ports: int = 0, placed: Sequence[pb.TaskInfo] = ()) -> bool:
-    """Whether a task of this shape fits in what `offer` holds beyond the tasks `placed`
-    in it already."""
-    left = _left(offer, placed)
-    eps = 1e-9
-    return (cpus <= left.scalar("cpus") + eps and mem <= left.scalar("mem") + eps
-            and disk <= left.scalar("disk") + eps and ports <= _port_count(left))
-
-
-def _role_of(offer: pb.Offer, name: str) -> str:
-    """The role a task should ask for `name` with: reserved if the offer has it so."""
-    for r in offer.resources:
-        if r.name == name and r.role not in ("", UNRESERVED) and not r.HasField("volume"):
-            return r.role
-    return UNRESERVED
-
-
-def task(
-    task_id: str,
-    offer: pb.Offer,
-    argv: Sequence[str],
-    *,
-    cpus: float = 0.1,
-    mem: float = 32.0,
-    disk: float = 0.0,
-    ports: int = 0,
-    env: Mapping[str, str] | None = None,
-    volume: pb.Resource | None = None,
-    name: str = "",
-    health_check: pb.HealthCheck | None = None,
-    kill_grace_period_seconds: float = 0.0,
-    labels: Mapping[str, str] | None = None,
-    placed: Sequence[pb.TaskInfo] = (),
-) -> pb.TaskInfo:
-    """A TaskInfo for `argv` on `offer`'s agent, with resources taken from the offer.
-
-    Ports are the lowest `ports` ones the offer holds that no task in `placed` (tasks
-    already carved out of the same offer) uses. Scalars take the role the offer reserves
-    them for, if any. `volume` is a persistent-volume disk resource from the offer.
-    Raises ValueError if the task does not fit.
-    """
-    if not fits(offer, cpus=cpus, mem=mem, disk=disk, ports=ports, placed=placed):
-        raise ValueError(
-            f"task {task_id} (cpus {cpus}, mem {mem}, disk {disk}, {ports} ports) does not "
-            f"fit in offer {offer.offer_id} from agent {offer.agent_id}")
-    items = [Resource(n, v, role=_role_of(offer, n))
-             for n, v in (("cpus", cpus), ("mem", mem), ("disk", disk)) if v > 0]
-    if ports:
-        chosen = _left(offer, placed).first_ports(ports)
-        items.append(Resource("ports", ranges=tuple(Range(p, p) for p in chosen),
-                              role=_role_of(offer, "ports")))
-    resources = resources_to_pb(Resources.of(items))
-    if volume is not None:
-        resources.append(volume)
-    info = pb.TaskInfo(
-        task_id=task_id, name=name or task_id, agent_id=offer.agent_id,
-        resources=resources,
-        command=pb.CommandInfo(argv=list(argv), environment=dict(env or {})),
-        kill_grace_period_seconds=kill_grace_period_seconds,
-        labels=dict(labels or {}),
-    )
-    if health_check is not None:
-        info.health_check.CopyFrom(health_check)
-    return info
-
-
-def offered(offer: pb.Offer) -> dict[str, float]:
-    """The scalars an offer holds by name, and "ports": how many, for accounting."""
-    held = resources_from_pb(offer.resources).without_volumes()
-    totals = {r.name: held.scalar(r.name) for r in held if r.name != "ports"}
-    return {**totals, "ports": float(_port_count(held))} if held.ranges("ports") else totals
+            self._delivery.put(self.subscriptions,
+                               pb.Event(error=pb.Event.Error(message=str(error))))

@@ -11,8 +11,9 @@ the thin asyncio loop that runs a probe and feeds the tally. Invariants:
   unhealthy when `consecutive_failures` checks in a row failed; with `kill_on_failure`
   the checker then asks for the kill once and stops.
 
-The GRPC probe is given by the caller (the agent, which may use generated gRPC code);
-COMMAND runs through scheduler.process.run, the only way to start a process.
+COMMAND runs through scheduler.process.run_group: its own process group, killed whole
+when it times out or the checker is cancelled (no thread, nothing left behind). GRPC
+calls grpc.health.v1 Check (`grpc_health_probe`; a caller may give its own probe).
 """
 
 from __future__ import annotations
@@ -26,9 +27,20 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from scheduler.process import run
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-__all__ = ["GrpcProbe", "HealthChecker", "HealthSpec", "HealthTally", "Verdict", "make_probe"]
+from scheduler.process import run_group
+
+__all__ = [
+    "GrpcProbe",
+    "HealthChecker",
+    "HealthSpec",
+    "HealthTally",
+    "Verdict",
+    "grpc_health_probe",
+    "make_probe",
+]
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +98,20 @@ class HealthTally:
         return Verdict.NONE
 
 
+async def grpc_health_probe(port: int, service: str, timeout: float) -> bool:
+    """grpc.health.v1 Check on 127.0.0.1:port: True if SERVING."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
 def make_probe(
     spec: HealthSpec,
     *,
     env: Mapping[str, str],
     cwd: Path,
-    grpc_probe: GrpcProbe | None,
+    grpc_probe: GrpcProbe | None = None,
 ) -> Probe:
     """The probe for `spec`; it returns False (never raises) on a failed check."""
     if spec.kind == "COMMAND":
@@ -100,10 +120,9 @@ def make_probe(
 
         async def command() -> bool:
             try:
-                done = await asyncio.to_thread(run, spec.argv, spec.timeout, cwd=cwd, env=env)
+                return await run_group(spec.argv, spec.timeout, cwd=cwd, env=env) == 0
             except (TimeoutError, OSError):
                 return False
-            return done.ok
 
         return command
     if spec.kind == "TCP":
@@ -122,9 +141,7 @@ def make_probe(
 
         return tcp
     if spec.kind == "GRPC":
-        if grpc_probe is None:
-            raise ValueError("no gRPC probe available for a GRPC health check")
-        probe = grpc_probe
+        probe = grpc_probe or grpc_health_probe
 
         async def grpc() -> bool:
             try:

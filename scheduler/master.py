@@ -18,8 +18,9 @@ Invariants:
   timeout) it steps down, ends every stream and campaigns again with a fresh state that
   it rebuilds from the registry;
 - the registry (agents, frameworks) is written only by the leader, in the background,
-  latest value per entry, so ZooKeeper writes follow task launches and terminations,
-  never heartbeats;
+  latest value per entry, in the order decided, so ZooKeeper writes follow task launches
+  and terminations, never heartbeats; a clean stop (SIGTERM) writes what is queued, within
+  `REGISTRY_FLUSH`, before resigning;
 - events to a framework go through a bounded queue; a framework that does not keep up
   loses its stream (it re-subscribes and reconciles) rather than the master's memory.
 """
@@ -55,6 +56,8 @@ log = logging.getLogger(__name__)
 
 SERVICE = "scheduler.v1.Master"
 REGISTRY_RETRY = 0.5
+# How long a clean stop waits for the registry writes of its term before resigning.
+REGISTRY_FLUSH = 3.0
 
 
 @dataclass(frozen=True)
@@ -102,8 +105,12 @@ class Master:
         self._lost = asyncio.Event()
         self.wake = asyncio.Event()
         self._paused_since: float | None = None
+        # Registry writes not yet made, latest value per path, in the order of their
+        # latest change (a write moves its path to the end).
         self._registry: dict[str, dict[str, Any] | None] = {}
         self._registry_ready = asyncio.Event()
+        self._registry_drained = asyncio.Event()
+        self._registry_drained.set()
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- lifecycle -------------------------------------------------------------
@@ -180,7 +187,9 @@ class Master:
     def _on_zk_state(self, zk_state: str) -> None:
         if zk_state == "CONNECTED":
             self._paused_since = None
-            if self.status is Status.PAUSED:
+            # After LOST, CONNECTED is a new session that holds no election node: the
+            # term is over even before `_lead` wakes up to step down.
+            if self.status is Status.PAUSED and not self._lost.is_set():
                 self.status = Status.LEADING
                 log.info("zookeeper session back: deciding again address=%s", self.address)
         elif zk_state == "SUSPENDED":
@@ -191,6 +200,8 @@ class Master:
                             self.address)
         else:
             self._lost.set()
+            if self.status is Status.LEADING:
+                self.status = Status.PAUSED
 
     # -- leadership ------------------------------------------------------------
 
@@ -203,24 +214,37 @@ class Master:
                                 offer_timeout=self.options.offer_timeout,
                                 id_prefix=uuid.uuid4().hex[:12])
         state = st.MasterState(config)
-        state.recover(agents, frameworks, time.time())
+        actions = state.recover(agents, frameworks, time.time())
         self.state = state
-        self.status = Status.LEADING if self.coord.connected else Status.PAUSED
+        self._tasks = [asyncio.create_task(loop(), name=loop.__name__) for loop in
+                       (self._tick_loop, self._allocate_loop, self._registry_loop)]
+        self.execute(state, actions)
+        # The session may have been lost while the registry was read.
+        self.status = (Status.LEADING if self.coord.connected and not self._lost.is_set()
+                       else Status.PAUSED)
         await self._health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
         log.info("master leading address=%s agents=%d frameworks=%d", self.address,
                  len(agents), len(frameworks))
-        self._tasks = [asyncio.create_task(loop(), name=loop.__name__) for loop in
-                       (self._tick_loop, self._allocate_loop, self._registry_loop)]
         await self._lost.wait()
 
     async def _step_down(self) -> None:
         was_leading = self.state is not None
         self.state = None
+        if self._stop.is_set() and self._registry and self.coord.connected:
+            # A clean stop still holds the election: let the writes of this term land
+            # (removals above all), or the next leader would report them LOST again.
+            log.info("writing the registry before stepping down entries=%d",
+                     len(self._registry))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._registry_drained.wait(), REGISTRY_FLUSH)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        if self._registry:
+            log.warning("registry writes dropped at step-down entries=%d", len(self._registry))
         self._registry.clear()
+        self._registry_drained.set()
         self._end_streams()
         if self.status is not Status.CLOSED:
             self.status = Status.STANDBY
@@ -271,6 +295,8 @@ class Master:
             await asyncio.sleep(0.05)  # at most ~20 cycles a second however often woken
 
     async def _registry_loop(self) -> None:
+        """Write the queued entries oldest first. A failed write stays first, so an agent's
+        entry listing a framework's tasks never lands after that framework's removal."""
         while True:
             await self._registry_ready.wait()
             self._registry_ready.clear()
@@ -278,14 +304,16 @@ class Master:
                 if not self.coord.connected:
                     await asyncio.sleep(REGISTRY_RETRY)
                     continue
-                path = next(iter(self._registry))
-                data = self._registry.pop(path)
+                path, data = next(iter(self._registry.items()))
                 try:
                     await self._write(path, data)
                 except CoordError as exc:
                     log.warning("registry write failed path=%s error=%s", path, exc)
-                    self._registry.setdefault(path, data)
                     await asyncio.sleep(REGISTRY_RETRY)
+                    continue
+                if path in self._registry and self._registry[path] is data:
+                    del self._registry[path]  # not changed again while it was written
+            self._registry_drained.set()
 
     async def _write(self, path: str, data: dict[str, Any] | None) -> None:
         if data is None:
@@ -330,15 +358,19 @@ class Master:
                 if (conn := self.conns.get(action.conn)) is not None:
                     conn.close(msgs.error_event(action.message))
             elif isinstance(action, st.WriteAgent):
-                self._registry[registry.agent_path(self.options.cluster, action.agent_id)] = \
-                    action.data
-                self._registry_ready.set()
+                self._queue_write(registry.agent_path(self.options.cluster, action.agent_id),
+                                  action.data)
             else:
-                self._registry[registry.framework_path(
-                    self.options.cluster, action.framework_id)] = action.data
-                self._registry_ready.set()
+                self._queue_write(registry.framework_path(
+                    self.options.cluster, action.framework_id), action.data)
         if later:
             self.execute(state, later)
+
+    def _queue_write(self, path: str, data: dict[str, Any] | None) -> None:
+        self._registry.pop(path, None)  # to the end: writes land in the order decided
+        self._registry[path] = data
+        self._registry_drained.clear()
+        self._registry_ready.set()
 
     def new_conn(self, limit: int) -> Conn:
         self._next_conn += 1

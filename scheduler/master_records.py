@@ -77,6 +77,9 @@ class Task:
     unreachable_reported: bool = False
     # Known only from the registry (after a master failover) until its agent re-registers.
     recovering: bool = False
+    # The framework asked for a KILL: sent again whenever the agent re-registers, so a
+    # KILL made while the agent was away still reaches it.
+    kill: KillTask | None = None
 
 
 @dataclass
@@ -95,6 +98,11 @@ class Agent:
     used: Resources = EMPTY
     offered: Resources = EMPTY
     task_keys: set[tuple[str, str]] = field(default_factory=set)
+    # Tasks the agent holds that are nobody's any more (of a removed incarnation of the
+    # agent or of a removed framework, or a second copy of a task held elsewhere): the
+    # master told the agent to kill them, and their resources stay in `used` until the
+    # agent reports them ended, so nothing new is offered their ports meanwhile.
+    doomed: dict[tuple[str, str], Resources] = field(default_factory=dict)
 
     @property
     def connected(self) -> bool:
@@ -297,8 +305,11 @@ class CloseFrameworkConn:
 
 @dataclass(frozen=True)
 class WriteAgent:
+    """Write the agent's registry entry; `TOMBSTONE` entries mark removed agents, so a
+    later leader does not take them back; None deletes the entry."""
+
     agent_id: str
-    data: dict[str, Any] | None  # None: delete the entry
+    data: dict[str, Any] | None
 
 
 @dataclass(frozen=True)
@@ -318,3 +329,15 @@ class StateConfig:
     offer_timeout: float = 30.0
     # Prefix of every id this master makes up; unique per leadership term.
     id_prefix: str = "m"
+    # Tombstones of removed agents and frameworks older than this are deleted by the next
+    # leader (Mesos keeps removed agents in its registry for two weeks too).
+    removed_kept: float = 14 * 86400.0
+
+
+def tombstone(now: float) -> dict[str, Any]:
+    """The registry entry of a removed agent or framework."""
+    return {"removed": True, "removed_at": now}
+
+
+def is_tombstone(data: dict[str, Any]) -> bool:
+    return bool(data.get("removed"))

@@ -8,26 +8,35 @@ deadline that has passed (agent silence, re-register timeout, framework failover
 timeout, offer timeout) and `allocate(now)` runs one offer cycle.
 
 Invariants:
-- an agent's `used` is the sum of its non-terminal tasks' resources and `offered` the
-  sum of its outstanding offers; `used + offered` is always contained in its `total`;
+- an agent's `used` is the sum of its non-terminal tasks' resources and of its doomed
+  ones (tasks it holds that are nobody's, being killed: `Agent.doomed`), and `offered`
+  the sum of its outstanding offers; `used + offered` is always contained in its `total`;
 - a call that fails raises `CallError` (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION)
   before anything changes: a rejected ACCEPT leaves its offers outstanding;
 - a task is in at most one of `tasks` (non-terminal) and `completed` (terminal, bounded);
+  a task id is not used twice by one framework while the master remembers it;
+- a removed agent or framework stays removed, across failovers too: its registry entry
+  becomes a tombstone; a returning removed agent gets a new id and kills its old tasks;
+- a KILL is kept on its task and sent again each time the task's agent re-registers;
 - registry writes happen on admission, removal, launch and terminal updates, never on
   heartbeats, so ZooKeeper traffic is proportional to task churn.
 
-The records, inputs, actions and errors are defined in `scheduler.master_records` and
-re-exported here, so callers write `state.ToAgent`, `state.Status`, ...
+The machine is built in layers, one module each: `scheduler.master_books` (the records
+and the bookkeeping every decision shares), `scheduler.framework_calls` (the framework
+API, with ACCEPT validated by `scheduler.offers`) and this module (agents' events,
+recovery from the registry, time). The records, inputs, actions and errors are defined
+in `scheduler.master_records` and re-exported here, so callers write `state.ToAgent`,
+`state.Status`, ...
 """
 
 from __future__ import annotations
 
 import base64
-from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from scheduler.allocator import AgentSupply, FrameworkDemand, OfferFilters, allocate
+from scheduler.framework_calls import FrameworkCalls
+from scheduler.master_books import summed
 from scheduler.master_records import (
     COMPLETED_KEPT,
     DEFAULT_REFUSE_SECONDS,
@@ -71,49 +80,29 @@ from scheduler.master_records import (
     Update,
     WriteAgent,
     WriteFramework,
+    is_tombstone,
+    tombstone,
 )
-from scheduler.resources import (
-    Resource,
-    ResourceError,
-    Resources,
-    create_volumes,
-    destroy_volumes,
-    reserve,
-    unreserve,
-)
+from scheduler.resources import Resource, ResourceError, Resources
 
 # ------------------------------------------------------------------ the machine
 
 
-class MasterState:
+class MasterState(FrameworkCalls):
     """Everything the leading master knows, and every decision it makes."""
-
-    def __init__(self, config: StateConfig) -> None:
-        self.config = config
-        self.agents: dict[str, Agent] = {}
-        self.frameworks: dict[str, Framework] = {}
-        self.tasks: dict[tuple[str, str], Task] = {}
-        self.completed: OrderedDict[tuple[str, str], Task] = OrderedDict()
-        self.offers: dict[str, Offer] = {}
-        self.filters = OfferFilters()
-        self.removed_agents: set[str] = set()
-        self.removed_frameworks: set[str] = set()
-        self._agent_conns: dict[int, str] = {}
-        # Tasks a re-registered agent did not report: LOST unless it reports them by then.
-        self._unconfirmed: dict[tuple[str, str], float] = {}
-        self._framework_conns: dict[int, str] = {}
-        self._counter = 0
-
-    def _new_id(self, kind: str) -> str:
-        self._counter += 1
-        return f"{self.config.id_prefix}-{kind}{self._counter:04d}"
 
     # -- recovery -------------------------------------------------------------
 
     def recover(self, agents: dict[str, dict[str, Any]],
                 frameworks: dict[str, dict[str, Any]], now: float) -> list[Action]:
         """Adopt a registry a previous leader wrote. Agents must re-register within the
-        re-register timeout and frameworks re-subscribe within their failover timeout."""
+        re-register timeout and frameworks re-subscribe within their failover timeout;
+        removed ones stay removed (tombstones), and tombstones past `removed_kept` go."""
+        actions: list[Action] = []
+        frameworks = self._bury(frameworks, self.removed_frameworks,
+                                lambda fid: WriteFramework(fid, None), now, actions)
+        agents = self._bury(agents, self.removed_agents, lambda aid: WriteAgent(aid, None),
+                            now, actions)
         for fid, data in frameworks.items():
             self.frameworks[fid] = Framework(
                 framework_id=fid, name=str(data.get("name", "")),
@@ -131,11 +120,33 @@ class MasterState:
             self.agents[aid] = agent
             for entry in data.get("tasks", []):
                 key = (str(entry["framework_id"]), str(entry["task_id"]))
+                if key[0] in self.removed_frameworks:
+                    continue  # killed with its framework; the entry was not rewritten yet
+                # A framework with no entry may still come back (its entry's write may
+                # have failed): the task waits for its agent like the others.
                 self.tasks[key] = Task(task_id=key[1], framework_id=key[0], agent_id=aid,
                                        resources=EMPTY, state="TASK_UNREACHABLE",
                                        recovering=True)
                 agent.task_keys.add(key)
-        return []
+            for entry in data.get("doomed", []):
+                # Still to be killed if the agent reports it (resources: from its report).
+                agent.doomed[(str(entry["framework_id"]), str(entry["task_id"]))] = EMPTY
+        return actions
+
+    def _bury(self, entries: dict[str, dict[str, Any]], removed: set[str],
+              forget: Callable[[str], Action], now: float,
+              actions: list[Action]) -> dict[str, dict[str, Any]]:
+        """The live `entries`; tombstones' names go to `removed`, or, once older than
+        `removed_kept`, their entries are deleted (`forget`)."""
+        live = {}
+        for name, data in entries.items():
+            if not is_tombstone(data):
+                live[name] = data
+            elif now - float(data.get("removed_at", now)) > self.config.removed_kept:
+                actions.append(forget(name))
+            else:
+                removed.add(name)
+        return live
 
     # -- agents ---------------------------------------------------------------
 
@@ -171,11 +182,15 @@ class MasterState:
             # Not among the agent's live tasks: it ended while we were apart (its terminal
             # update is on its way) or it never arrived. Wait one agent timeout for news.
             self._unconfirmed[key] = now + self.config.agent_timeout
+        for key in set(agent.doomed) - set(reported):
+            del agent.doomed[key]  # ended while we were apart
         for _, report in sorted(reported.items()):
             actions += self._adopt_task(agent, report, now)
-        agent.used = _sum(self.tasks[k].resources for k in agent.task_keys)
-        for fid in {k[0] for k in agent.task_keys}:
-            self._recharge(self.frameworks[fid])
+        agent.used = summed(self.tasks[k].resources for k in agent.task_keys)
+        agent.used = self._charge_doomed(agent, agent.doomed)
+        for fid in sorted({k[0] for k in agent.task_keys}):
+            if fid in self.frameworks:  # one whose registry entry was never written may not be
+                self._recharge(self.frameworks[fid])
         actions.append(self._agent_entry(agent))
         return actions
 
@@ -210,17 +225,39 @@ class MasterState:
         actions: list[Action] = [ToAgent(agent_id, Registered(agent_id))]
         for report in reports:
             # Tasks of a removed agent were reported LOST: they must not keep running.
-            actions.append(ToAgent(agent_id, KillTask(report.framework_id, report.task_id,
-                                                      reason="REASON_AGENT_REMOVED")))
+            actions += self._doom(agent, report, "REASON_AGENT_REMOVED")
+        agent.used = self._charge_doomed(agent, agent.doomed)
         actions.append(self._agent_entry(agent))
         return actions
+
+    @staticmethod
+    def _doom(agent: Agent, report: AgentTaskReport, reason: str) -> list[Action]:
+        """Tell the agent to kill a task that is nobody's; its resources stay taken until
+        the agent reports it ended (see `Agent.doomed`)."""
+        agent.doomed[(report.framework_id, report.task_id)] = report.resources
+        return [ToAgent(agent.agent_id, KillTask(report.framework_id, report.task_id,
+                                                 reason=reason))]
+
+    @staticmethod
+    def _charge_doomed(agent: Agent, doomed: dict[tuple[str, str], Resources]) -> Resources:
+        """`agent.used` with the doomed tasks' resources added; one whose resources do not
+        fit what is left of the agent (an agent that over-reports) is not counted."""
+        used = agent.used
+        for key in sorted(doomed):
+            if (agent.total - agent.offered).contains(used + doomed[key]):
+                used = used + doomed[key]
+            else:
+                doomed[key] = EMPTY
+        return used
 
     def _adopt_task(self, agent: Agent, report: AgentTaskReport, now: float) -> list[Action]:
         key = (report.framework_id, report.task_id)
         actions: list[Action] = []
+        if key in agent.doomed:
+            return self._doom(agent, report, "REASON_AGENT_REMOVED")  # not dead yet: again
         if report.framework_id not in self.frameworks:
             if report.framework_id in self.removed_frameworks:
-                return [ToAgent(agent.agent_id, ShutdownFramework(report.framework_id))]
+                return self._doom(agent, report, "REASON_FRAMEWORK_REMOVED")
             self.frameworks[report.framework_id] = Framework(
                 framework_id=report.framework_id, name="", role=report.framework_role or "*",
                 principal="", failover_timeout=0.0, info=report.framework_info,
@@ -228,7 +265,8 @@ class MasterState:
                 grace=self.config.agent_reregister_timeout)
         task = self.tasks.get(key)
         if task is not None and task.agent_id != agent.agent_id:
-            return []  # the same id on another agent: keep what we know
+            # The same id on another agent: that copy is the framework's, this one goes.
+            return self._doom(agent, report, "REASON_INVALID")
         if task is None:
             task = Task(task_id=report.task_id, framework_id=report.framework_id,
                         agent_id=agent.agent_id, resources=EMPTY, state=report.state)
@@ -247,6 +285,8 @@ class MasterState:
             actions.append(ToFramework(task.framework_id, Update(Status(
                 task.task_id, task.framework_id, agent.agent_id, task.state,
                 message="agent re-registered", timestamp=now))))
+        if task.kill is not None:
+            actions.append(ToAgent(agent.agent_id, task.kill))  # asked while it was away
         return actions
 
     def agent_of(self, conn: int) -> str:
@@ -298,7 +338,7 @@ class MasterState:
         for fid in sorted(self.frameworks):
             if self.frameworks[fid].connected:
                 actions.append(ToFramework(fid, Failure(agent.agent_id)))
-        actions.append(WriteAgent(agent.agent_id, None))
+        actions.append(WriteAgent(agent.agent_id, tombstone(now)))
         return actions
 
     def agent_update(self, agent_id: str, status: Status, now: float) -> list[Action]:
@@ -309,14 +349,17 @@ class MasterState:
         agent.last_seen = now
         key = (status.framework_id, status.task_id)
         framework = self.frameworks.get(status.framework_id)
-        if framework is None:
-            # Nobody will acknowledge it: acknowledge for the departed framework.
+        if key in agent.doomed or framework is None:
+            # Nobody's task: the framework was told LOST (or left), or holds the task
+            # elsewhere. Acknowledge for it; a doomed task's end frees its resources.
+            if key in agent.doomed and status.state in TERMINAL_STATES:
+                agent.used = agent.used - agent.doomed.pop(key)
             return [ToAgent(agent_id, Acknowledge(status.framework_id, status.task_id,
                                                   status.uuid))] if status.uuid else []
         actions: list[Action] = []
-        self._unconfirmed.pop(key, None)
         task = self.tasks.get(key)
         if task is not None and task.agent_id == agent_id:
+            self._unconfirmed.pop(key, None)
             task.reason, task.message = status.reason, status.message
             if status.healthy is not None:
                 task.healthy = status.healthy
@@ -325,380 +368,6 @@ class MasterState:
             else:
                 task.state = status.state
         actions.append(ToFramework(status.framework_id, Update(status)))
-        return actions
-
-    # -- tasks ----------------------------------------------------------------
-
-    def _charge(self, task: Task) -> None:
-        """Count a launched task's resources as used by its agent and framework."""
-        agent = self.agents.get(task.agent_id)
-        if agent is not None:
-            agent.used = agent.used + task.resources
-        framework = self.frameworks.get(task.framework_id)
-        if framework is not None:
-            framework.used = framework.used + _quantities(task.resources)
-
-    def _uncharge(self, task: Task) -> None:
-        agent = self.agents.get(task.agent_id)
-        if agent is not None:
-            agent.used = agent.used - task.resources
-        framework = self.frameworks.get(task.framework_id)
-        if framework is not None:
-            framework.used = framework.used - _quantities(task.resources)
-
-    def _terminate(self, task: Task, status: Status, *, forward: bool = True) -> list[Action]:
-        """Move a task to `completed` with `status`'s terminal state."""
-        key = (task.framework_id, task.task_id)
-        self._uncharge(task)
-        task.state, task.reason, task.message = status.state, status.reason, status.message
-        self.tasks.pop(key, None)
-        self.completed[key] = task
-        self.completed.move_to_end(key)
-        while len(self.completed) > COMPLETED_KEPT:
-            self.completed.popitem(last=False)
-        actions: list[Action] = []
-        agent = self.agents.get(task.agent_id)
-        if agent is not None:
-            agent.task_keys.discard(key)
-            actions.append(self._agent_entry(agent))
-        if forward:
-            actions.append(ToFramework(task.framework_id, Update(status)))
-        return actions
-
-    # -- frameworks -----------------------------------------------------------
-
-    def subscribe(self, conn: int, framework_id: str, name: str, role: str, principal: str,
-                  failover_timeout: float, info: bytes, now: float) -> list[Action]:
-        """SUBSCRIBE on stream `conn`: a new framework, or a failover to this stream."""
-        if framework_id in self.removed_frameworks:
-            raise FailedPrecondition(f"framework {framework_id} was removed; subscribe "
-                                     "with an empty id to register anew")
-        actions: list[Action] = []
-        framework = self.frameworks.get(framework_id) if framework_id else None
-        if framework is None:
-            framework_id = framework_id or self._new_id("fw")
-            framework = Framework(framework_id=framework_id, name=name, role=role or "*",
-                                  principal=principal, failover_timeout=failover_timeout,
-                                  info=info, registered_at=now)
-            self.frameworks[framework_id] = framework
-            self._recharge(framework)
-        else:
-            if framework.conn is not None:
-                self._framework_conns.pop(framework.conn, None)
-                actions.append(CloseFrameworkConn(
-                    framework.conn, "framework failed over to a new subscription"))
-            actions += self._recover_offers(framework, rescind=False)
-            framework.name, framework.principal = name, principal
-            framework.role = role or framework.role
-            framework.failover_timeout, framework.info = failover_timeout, info
-        framework.conn, framework.disconnected_at, framework.grace = conn, None, 0.0
-        framework.stream_id = self._new_id("stream")
-        framework.suppressed = False
-        self._framework_conns[conn] = framework_id
-        actions.append(ToFramework(framework_id, Subscribed(framework_id, framework.stream_id)))
-        actions.append(self._framework_entry(framework))
-        return actions
-
-    def _recharge(self, framework: Framework) -> None:
-        framework.used = _sum(_quantities(t.resources) for k, t in self.tasks.items()
-                              if k[0] == framework.framework_id)
-
-    def framework_disconnected(self, conn: int, now: float) -> list[Action]:
-        framework_id = self._framework_conns.pop(conn, None)
-        framework = self.frameworks.get(framework_id or "")
-        if framework is None or framework.conn != conn:
-            return []
-        framework.conn, framework.disconnected_at = None, now
-        return self._recover_offers(framework, rescind=False)
-
-    def _framework(self, framework_id: str, stream_id: str) -> Framework:
-        framework = self.frameworks.get(framework_id)
-        if framework is None:
-            raise NotFound(f"unknown framework {framework_id!r}")
-        if not framework.connected or framework.stream_id != stream_id:
-            raise FailedPrecondition(
-                f"stream {stream_id!r} is not framework {framework_id}'s current "
-                "subscription; subscribe again")
-        return framework
-
-    def teardown(self, framework_id: str, stream_id: str, now: float) -> list[Action]:
-        framework = self._framework(framework_id, stream_id)
-        return self._remove_framework(framework, "framework torn down", now)
-
-    def _remove_framework(self, framework: Framework, why: str, now: float) -> list[Action]:
-        fid = framework.framework_id
-        actions = self._recover_offers(framework, rescind=False)
-        if framework.conn is not None:
-            self._framework_conns.pop(framework.conn, None)
-            actions.append(CloseFrameworkConn(framework.conn, why))
-            framework.conn = None
-        agents_with_tasks = set()
-        for key in sorted(k for k in self.tasks if k[0] == fid):
-            task = self.tasks[key]
-            agents_with_tasks.add(task.agent_id)
-            self._terminate(task, Status(task.task_id, fid, task.agent_id, "TASK_KILLED",
-                                         reason="REASON_FRAMEWORK_REMOVED", message=why,
-                                         timestamp=now), forward=False)
-        for agent_id in sorted(agents_with_tasks):
-            agent = self.agents.get(agent_id)
-            if agent is not None:
-                actions.append(ToAgent(agent_id, ShutdownFramework(fid)))
-                actions.append(self._agent_entry(agent))
-        del self.frameworks[fid]
-        self.removed_frameworks.add(fid)
-        self.filters.clear(fid)
-        actions.append(WriteFramework(fid, None))
-        return actions
-
-    def suppress(self, framework_id: str, stream_id: str) -> list[Action]:
-        self._framework(framework_id, stream_id).suppressed = True
-        return []
-
-    def revive(self, framework_id: str, stream_id: str) -> list[Action]:
-        framework = self._framework(framework_id, stream_id)
-        framework.suppressed = False
-        self.filters.clear(framework_id)
-        return []
-
-    # -- offers ---------------------------------------------------------------
-
-    def allocate(self, now: float) -> list[Action]:
-        """One offer cycle: each agent's free resources to one framework, DRF order."""
-        self.filters.expire(now)
-        supplies = [AgentSupply(a.agent_id, a.free) for _, a in sorted(self.agents.items())
-                    if a.connected]
-        if not supplies:
-            return []
-        demands = [FrameworkDemand(f.framework_id, f.role, f.used + f.offered, f.suppressed)
-                   for _, f in sorted(self.frameworks.items()) if f.connected]
-        if not demands:
-            return []
-        grants = allocate(supplies, demands, self.total(), self.filters, now)
-        by_framework: dict[str, list[Offer]] = {}
-        for grant in grants:
-            offer = Offer(self._new_id("offer"), grant.framework_id, grant.agent_id,
-                          grant.resources, now)
-            self.offers[offer.offer_id] = offer
-            agent = self.agents[grant.agent_id]
-            agent.offered = agent.offered + grant.resources
-            framework = self.frameworks[grant.framework_id]
-            framework.offered = framework.offered + _quantities(grant.resources)
-            by_framework.setdefault(grant.framework_id, []).append(offer)
-        actions: list[Action] = []
-        for fid, offers in sorted(by_framework.items()):
-            agents = [self.agents[o.agent_id] for o in offers]
-            actions.append(ToFramework(fid, Offers(
-                tuple(offers), tuple(dict(a.attributes) for a in agents),
-                tuple(a.hostname for a in agents))))
-        return actions
-
-    def total(self) -> Resources:
-        """The sum of the connected agents' totals (the DRF denominator)."""
-        return _sum(a.total for a in self.agents.values() if a.connected)
-
-    def _drop_offer(self, offer: Offer) -> None:
-        self.offers.pop(offer.offer_id, None)
-        agent = self.agents.get(offer.agent_id)
-        if agent is not None:
-            agent.offered = agent.offered - offer.resources
-        framework = self.frameworks.get(offer.framework_id)
-        if framework is not None:
-            framework.offered = framework.offered - _quantities(offer.resources)
-
-    def _rescind_agent_offers(self, agent: Agent) -> list[Action]:
-        actions: list[Action] = []
-        for offer in [o for o in self.offers.values() if o.agent_id == agent.agent_id]:
-            self._drop_offer(offer)
-            actions.append(ToFramework(offer.framework_id, Rescind(offer.offer_id)))
-        return actions
-
-    def _recover_offers(self, framework: Framework, *, rescind: bool) -> list[Action]:
-        actions: list[Action] = []
-        for offer in [o for o in self.offers.values()
-                      if o.framework_id == framework.framework_id]:
-            self._drop_offer(offer)
-            if rescind:
-                actions.append(ToFramework(offer.framework_id, Rescind(offer.offer_id)))
-        return actions
-
-    def _offers_of(self, framework: Framework, offer_ids: Sequence[str]) -> list[Offer]:
-        if not offer_ids:
-            raise InvalidArgument("no offer ids given")
-        if len(set(offer_ids)) != len(offer_ids):
-            raise InvalidArgument("an offer id is given twice")
-        offers = []
-        for offer_id in offer_ids:
-            offer = self.offers.get(offer_id)
-            if offer is None:
-                raise NotFound(f"unknown offer {offer_id!r} (rescinded, declined or used)")
-            if offer.framework_id != framework.framework_id:
-                raise InvalidArgument(f"offer {offer_id!r} was made to another framework")
-            offers.append(offer)
-        if len({o.agent_id for o in offers}) > 1:
-            raise InvalidArgument("offers come from more than one agent")
-        return offers
-
-    def decline(self, framework_id: str, stream_id: str, offer_ids: Sequence[str],
-                refuse_seconds: float | None, now: float) -> list[Action]:
-        """Return offers; unknown ids are ignored (the offer may have been rescinded)."""
-        framework = self._framework(framework_id, stream_id)
-        refuse = DEFAULT_REFUSE_SECONDS if refuse_seconds is None else refuse_seconds
-        for offer_id in offer_ids:
-            offer = self.offers.get(offer_id)
-            if offer is None or offer.framework_id != framework.framework_id:
-                continue
-            self._drop_offer(offer)
-            if refuse > 0:
-                self.filters.refuse(framework_id, offer.agent_id, now + refuse,
-                                    offer.resources)
-        return []
-
-    def accept(self, framework_id: str, stream_id: str, offer_ids: Sequence[str],
-               operations: Sequence[Operation], refuse_seconds: float | None,
-               now: float) -> list[Action]:
-        """ACCEPT, validated as a whole: either every operation applies or nothing does."""
-        framework = self._framework(framework_id, stream_id)
-        offers = self._offers_of(framework, offer_ids)
-        agent = self.agents.get(offers[0].agent_id)
-        if agent is None or not agent.connected:
-            raise NotFound(f"unknown agent {offers[0].agent_id!r} (gone or unreachable)")
-        available = EMPTY
-        for offer in offers:
-            available = available + offer.resources
-        total = agent.total
-        launches: list[TaskSpec] = []
-        seen: set[str] = set()
-        for op in operations:
-            try:
-                if isinstance(op, Launch):
-                    for spec in op.tasks:
-                        self._check_task(framework, agent, spec, available, seen)
-                        available = available - spec.resources
-                        seen.add(spec.task_id)
-                        launches.append(spec)
-                    continue
-                if isinstance(op, Reserve):
-                    self._check_role(framework, op.resources, "RESERVE")
-                    available = reserve(available, op.resources, framework.role,
-                                        framework.principal)
-                    total = reserve(total, op.resources, framework.role, framework.principal)
-                elif isinstance(op, Unreserve):
-                    self._check_role(framework, op.resources, "UNRESERVE")
-                    available = unreserve(available, op.resources)
-                    total = unreserve(total, op.resources)
-                elif isinstance(op, Create):
-                    self._check_role(framework, op.volumes, "CREATE")
-                    available = create_volumes(available, op.volumes)
-                    total = create_volumes(total, op.volumes)
-                else:
-                    self._check_role(framework, op.volumes, "DESTROY")
-                    available = destroy_volumes(available, op.volumes)
-                    total = destroy_volumes(total, op.volumes)
-            except ResourceError as exc:
-                raise InvalidArgument(str(exc)) from exc
-        # Validated: commit.
-        actions: list[Action] = []
-        for offer in offers:
-            self._drop_offer(offer)
-        if total != agent.total:
-            agent.total = total
-            actions.append(ToAgent(agent.agent_id, CheckpointResources(total)))
-        for spec in launches:
-            task = Task(task_id=spec.task_id, framework_id=framework_id,
-                        agent_id=agent.agent_id, resources=spec.resources,
-                        state="TASK_STAGING", info=spec.info)
-            key = (framework_id, spec.task_id)
-            self.completed.pop(key, None)
-            self.tasks[key] = task
-            agent.task_keys.add(key)
-            self._charge(task)
-            actions.append(ToAgent(agent.agent_id, RunTask(
-                framework.info, spec.info, framework_id, spec.task_id)))
-        if launches:
-            actions.append(self._agent_entry(agent))
-        refuse = DEFAULT_REFUSE_SECONDS if refuse_seconds is None else refuse_seconds
-        if refuse > 0 and not available.is_empty():
-            self.filters.refuse(framework_id, agent.agent_id, now + refuse, available)
-        return actions
-
-    def _check_task(self, framework: Framework, agent: Agent, spec: TaskSpec,
-                    available: Resources, seen: set[str]) -> None:
-        if not spec.task_id:
-            raise InvalidArgument("a task has an empty task id")
-        if spec.agent_id and spec.agent_id != agent.agent_id:
-            if spec.agent_id not in self.agents:
-                raise NotFound(f"task {spec.task_id}: unknown agent {spec.agent_id!r}")
-            raise InvalidArgument(f"task {spec.task_id}: agent {spec.agent_id} is not the "
-                                  f"offers' agent {agent.agent_id}")
-        if spec.task_id in seen or (framework.framework_id, spec.task_id) in self.tasks:
-            raise InvalidArgument(f"task id {spec.task_id!r} is already used by a "
-                                  "non-terminal task of this framework")
-        if spec.resources.is_empty():
-            raise InvalidArgument(f"task {spec.task_id} asks for no resources")
-        if not available.contains(spec.resources):
-            raise InvalidArgument(f"task {spec.task_id} asks for {spec.resources}; the "
-                                  f"offers have {available} left")
-
-    @staticmethod
-    def _check_role(framework: Framework, resources: Resources, what: str) -> None:
-        for item in resources:
-            if item.role not in ("", "*", framework.role):
-                raise InvalidArgument(f"{what}: role {item.role!r} is not the framework's "
-                                      f"role {framework.role!r}")
-
-    # -- task calls -----------------------------------------------------------
-
-    def kill(self, framework_id: str, stream_id: str, task_id: str, agent_id: str,
-             grace_period: float, now: float) -> list[Action]:
-        self._framework(framework_id, stream_id)
-        key = (framework_id, task_id)
-        task = self.tasks.get(key)
-        if task is None:
-            done = self.completed.get(key)
-            if done is None:
-                raise NotFound(f"unknown task {task_id!r}")
-            return [ToFramework(framework_id, Update(Status(
-                task_id, framework_id, done.agent_id, done.state, reason=done.reason,
-                message=done.message, timestamp=now)))]
-        return [ToAgent(task.agent_id, KillTask(framework_id, task_id, grace_period))]
-
-    def acknowledge(self, framework_id: str, stream_id: str, agent_id: str, task_id: str,
-                    uuid: bytes) -> list[Action]:
-        """Forward to the agent; it stops retrying that update and sends the next."""
-        self._framework(framework_id, stream_id)
-        if not uuid:
-            raise InvalidArgument("acknowledge needs the update's uuid (master-made "
-                                  "updates carry none and need no acknowledgement)")
-        agent = self.agents.get(agent_id)
-        if agent is None or not agent.connected:
-            return []  # it resends the update when it is back
-        return [ToAgent(agent_id, Acknowledge(framework_id, task_id, uuid))]
-
-    def reconcile(self, framework_id: str, stream_id: str,
-                  tasks: Sequence[tuple[str, str]], now: float) -> list[Action]:
-        """Implicit (no tasks): an UPDATE for every task the master knows of the framework.
-        Explicit: one per named task, TASK_UNKNOWN for those it knows nothing of; tasks
-        of agents that have not re-registered after a master failover get no answer."""
-        self._framework(framework_id, stream_id)
-        if not tasks:
-            keys = [k for k in sorted(self.tasks) if k[0] == framework_id]
-            tasks = [(k[1], "") for k in keys]
-        actions: list[Action] = []
-        for task_id, agent_id in tasks:
-            key = (framework_id, task_id)
-            task = self.tasks.get(key) or self.completed.get(key)
-            if task is not None and task.recovering:
-                continue
-            if task is None:
-                actions.append(ToFramework(framework_id, Update(Status(
-                    task_id, framework_id, agent_id, "TASK_UNKNOWN",
-                    reason="REASON_RECONCILIATION", message="the master knows no such task",
-                    timestamp=now))))
-                continue
-            actions.append(ToFramework(framework_id, Update(Status(
-                task_id, framework_id, task.agent_id, task.state,
-                reason="REASON_RECONCILIATION", message=task.message, timestamp=now,
-                healthy=task.healthy))))
         return actions
 
     # -- time -----------------------------------------------------------------
@@ -736,45 +405,12 @@ class MasterState:
                 actions.append(ToFramework(offer.framework_id, Rescind(offer.offer_id)))
         return actions
 
-    # -- registry -------------------------------------------------------------
-
-    def _agent_entry(self, agent: Agent) -> WriteAgent:
-        return WriteAgent(agent.agent_id, {
-            "hostname": agent.hostname, "address": agent.address,
-            "attributes": dict(agent.attributes), "registered_at": agent.registered_at,
-            "tasks": [{"framework_id": f, "task_id": t} for f, t in sorted(agent.task_keys)],
-        })
-
-    def _framework_entry(self, framework: Framework) -> WriteFramework:
-        return WriteFramework(framework.framework_id, {
-            "name": framework.name, "role": framework.role, "principal": framework.principal,
-            "failover_timeout": framework.failover_timeout,
-            "registered_at": framework.registered_at,
-            "info": base64.b64encode(framework.info).decode(),
-        })
-
-    # -- views ----------------------------------------------------------------
-
-    def framework_tasks(self, framework_id: str) -> Iterable[Task]:
-        return (t for k, t in sorted(self.tasks.items()) if k[0] == framework_id)
-
 
 def _plain(resources: Resources) -> Resources:
     """`resources` as unreserved capacity: no roles, no volumes."""
     return Resources.of(Resource(r.name, r.scalar, r.ranges) for r in resources)
 
 
-def _quantities(resources: Resources) -> Resources:
-    """The scalar part of `resources`: what adds up across agents (ports do not: the same
-    port on two agents is two resources, but one range once summed)."""
-    return Resources.of(item for item in resources if not item.ranges)
-
-
-def _sum(items: Iterable[Resources]) -> Resources:
-    total = EMPTY
-    for item in items:
-        total = total + item
-    return total
 
 __all__ = [
     "COMPLETED_KEPT",
@@ -820,4 +456,7 @@ __all__ = [
     "Update",
     "WriteAgent",
     "WriteFramework",
+    "is_tombstone",
+    "tombstone",
 ]
+

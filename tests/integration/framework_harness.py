@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scheduler.deadline import async_poll_for
-from scheduler.framework import Framework, FrameworkDriver, fits, task
+from scheduler.framework import Framework, FrameworkDriver
 from scheduler.local import LocalSubstrate
 from scheduler.status import StatusError
+from scheduler.taskinfo import fits, task
 from scheduler.v1 import scheduler_pb2 as pb
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"

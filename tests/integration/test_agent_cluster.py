@@ -17,9 +17,10 @@ import grpc
 import pytest
 
 from scheduler.deadline import async_poll_for, free_port, poll_for
-from scheduler.framework import Framework, FrameworkDriver, task
+from scheduler.framework import Framework, FrameworkDriver
 from scheduler.process import Process, pid_alive, spawn
 from scheduler.registry import leading_master_sync
+from scheduler.taskinfo import task
 from scheduler.v1 import scheduler_pb2 as pb
 from scheduler.v1 import scheduler_pb2_grpc as pb_grpc
 
@@ -36,6 +37,19 @@ class Recorder(Framework):
     def __init__(self) -> None:
         self.updates: list[pb.TaskStatus] = []
         self.offers: dict[str, pb.Offer] = {}
+        self.raw: list[pb.TaskStatus] = []  # every UPDATE as it arrived, resends included
+
+    def observe(self, event: pb.Event) -> None:
+        if event.HasField("update"):
+            self.raw.append(event.update.status)
+
+    def raw_uuids(self, task_id: str) -> dict[str, set[bytes]]:
+        """The uuids that arrived for each state of `task_id`, below the SDK's de-dup."""
+        found: dict[str, set[bytes]] = {}
+        for u in self.raw:
+            if u.task_id == task_id and not u.HasField("healthy"):
+                found.setdefault(pb.TaskState.Name(u.state), set()).add(bytes(u.uuid))
+        return found
 
     async def on_offers(self, driver: FrameworkDriver, offers: list[pb.Offer]) -> None:
         self.offers.update((o.offer_id, o) for o in offers)
@@ -130,7 +144,7 @@ async def framework(cluster: Cluster) -> AsyncIterator[tuple[FrameworkDriver, Re
     recorder = Recorder()
     driver = FrameworkDriver(recorder, pb.FrameworkInfo(name="agent-test", role=ROLE,
                                                         failover_timeout=60),
-                             zk=cluster.zk, cluster=CLUSTER)
+                             zk=cluster.zk, cluster=CLUSTER, observe=recorder.observe)
     await driver.start(timeout=20)
     try:
         yield driver, recorder
@@ -166,7 +180,7 @@ async def test_failed_killed_and_over_memory(
                                ("victim", program("serve_port.py"), 64),
                                ("hog", program("alloc_memory.py", "300"), 64)]:
         placed.append(task(task_id, offer, argv, mem=mem, ports=1, placed=placed))
-    await driver.launch(offer, placed)
+    await driver.launch(offer, placed, refuse_seconds=0.2)  # the rest returns soon
     for task_id in ("crash", "victim"):
         await rec.reach(task_id, "TASK_RUNNING")
 
@@ -180,14 +194,26 @@ async def test_failed_killed_and_over_memory(
     assert (crash.exit_code, crash.reason) == (-9, pb.REASON_COMMAND_EXITED)
     hog = rec.last("hog")
     assert hog.reason == pb.REASON_MEMORY_LIMIT and "> limit 64 MiB" in hog.message
-    # Wait past a few status-retry intervals: still each state change exactly once.
-    await asyncio.sleep(1.0)
+    # Acknowledged terminal tasks leave the checkpoint: from then on the agent resends
+    # none of their updates.
+    await async_poll_for(lambda: not list((cluster.work_dir(0) / "meta").glob("tasks/*/*")),
+                         10, what="the checkpoint to forget acknowledged terminal tasks")
+    # A later update on the same path (agent -> master -> framework, each stream in
+    # order): every copy the agent sent before it has arrived once it has.
+    marker_offer = await rec.offer()
+    await driver.launch(marker_offer, [task("marker", marker_offer, program("exit_with.py",
+                                                                              "0"))])
+    await rec.reach("marker", "TASK_FINISHED")
     assert rec.states("crash") == ["TASK_STARTING", "TASK_RUNNING", "TASK_FAILED"]
     assert rec.states("victim") == ["TASK_STARTING", "TASK_RUNNING", "TASK_KILLED"]
     assert rec.states("hog")[-1] == "TASK_FAILED" and rec.states("hog").count("TASK_FAILED") == 1
-    # Acknowledged terminal tasks leave the checkpoint.
-    await async_poll_for(lambda: not list((cluster.work_dir(0) / "meta").glob("tasks/*/*")),
-                         10, what="the checkpoint to forget acknowledged terminal tasks")
+    # Below the SDK's de-duplication: each state change is one update (one uuid) from the
+    # agent, however often it was resent before its acknowledgement; none from the master.
+    for task_id in ("crash", "victim", "hog"):
+        uuids = rec.raw_uuids(task_id)
+        assert list(uuids) == rec.states(task_id), (task_id, uuids)
+        assert all(len(copies) == 1 for copies in uuids.values()), (task_id, uuids)
+    assert {u.source for u in rec.raw} == {pb.SOURCE_AGENT}
 
     # The Agent service serves the sandbox output.
     state = None
@@ -319,14 +345,19 @@ async def test_persistent_volume_outlives_its_task(
 async def test_agent_follows_a_new_leading_master(
         cluster: Cluster, framework: tuple[FrameworkDriver, Recorder]) -> None:
     driver, rec = framework
-    standby = cluster.start_master()
     offer = await rec.offer()
     await driver.launch(offer, [task("t1", offer, program("serve_port.py"), ports=1)])
-    await rec.reach("t1", "TASK_RUNNING")
-    # A standby joining the election is no leader change: the agent stays attached.
-    await asyncio.sleep(1.5)  # > --agent-timeout: a dropped stream would show
-    assert rec.states("t1") == ["TASK_STARTING", "TASK_RUNNING"]
+    await rec.reach("t1", "TASK_RUNNING")  # the agent is attached
+    # A standby joining the election is no leader change: the agent sees it and stays
+    # attached (it registered once), so the task's states show no reconnection.
     old = leading_master_sync(cluster.zk, CLUSTER)
+    standby = cluster.start_master()
+    agent_log = cluster.agents[0].stderr_path
+    await async_poll_for(lambda: f"its leader did not master={old} contenders=2"
+                         in agent_log.read_text(), 15,
+                         what="the agent to see the standby join the election")
+    assert agent_log.read_text().count("registered id=") == 1
+    assert rec.states("t1") == ["TASK_STARTING", "TASK_RUNNING"]
     cluster.masters[0].kill()
     await async_poll_for(lambda: leading_master_sync(cluster.zk, CLUSTER) not in (None, old),
                          15, interval=0.2, what="the standby to lead")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from scheduler.deadline import async_poll_for, free_port
 from scheduler.executor import Executor, TaskSpec, VolumeMount
-from scheduler.health import HealthSpec
+from scheduler.health import HealthSpec, make_probe
 from scheduler.process import pid_alive
 
 TASKS = Path(__file__).resolve().parents[1] / "tasks"
@@ -167,3 +167,16 @@ sys.exit(0 if s.recv(100).startswith(b'hello') else 1)
     result = await asyncio.wait_for(waiting, 20)
     assert rec.health == [True, False]
     assert (result.state, result.reason) == ("TASK_FAILED", "REASON_HEALTH_CHECK_FAILED")
+
+
+async def test_a_hanging_command_health_check_fails_and_leaves_nothing_behind(
+        tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    health = HealthSpec("COMMAND", argv=task("parent_of_sleeper.py", str(pids)), timeout=3)
+    probe = make_probe(health, env=dict(os.environ), cwd=tmp_path)
+    checking = asyncio.ensure_future(probe())
+    await async_poll_for(pids.exists, 3, what="the check to start its grandchild")
+    assert await asyncio.wait_for(checking, 10) is False  # timed out: a failed check
+    family = [int(p) for p in pids.read_text().split()]
+    await async_poll_for(lambda: not any(pid_alive(p) for p in family), 5,
+                         what=f"{family} (the check and its grandchild) to be gone")

@@ -16,8 +16,9 @@ import pytest
 from framework_harness import Recorder, cluster_state, framework_info, start_substrate
 
 from scheduler.deadline import async_poll_for
-from scheduler.framework import FrameworkDriver, fits, task
+from scheduler.framework import FrameworkDriver
 from scheduler.local import LocalSubstrate
+from scheduler.taskinfo import fits, task
 from scheduler.v1 import scheduler_pb2 as pb
 
 AGENT = {"cpus": 2.0, "mem": 2048.0}

@@ -29,9 +29,10 @@ from framework_harness import (
 )
 
 from scheduler.deadline import async_poll_for
-from scheduler.framework import FrameworkDriver, FrameworkError, task
+from scheduler.framework import FrameworkDriver, FrameworkError
 from scheduler.local import LocalSubstrate
 from scheduler.process import spawn
+from scheduler.taskinfo import task
 from scheduler.v1 import scheduler_pb2 as pb
 from scheduler.wire import resources_from_pb
 from scheduler.zookeeper import ZooKeeperServer
@@ -244,3 +245,26 @@ async def test_bad_launches_are_refused_in_one_line_and_the_offer_stays(
         await driver.launch(offer, [fine])
         await framework.wait_state(["fine"], "TASK_RUNNING")
         assert "greedy" not in framework.updates
+
+
+async def test_subscribing_with_a_removed_framework_id_fails_in_one_line(
+        substrate: LocalSubstrate) -> None:
+    """The master answers SUBSCRIBE with an ERROR: start() raises it, not a timeout."""
+    assert substrate.zk is not None
+    async with FrameworkDriver(Recorder(), framework_info("doomed"), zk=substrate.zk,
+                               cluster=substrate.cluster) as first:
+        framework_id = first.framework_id
+        assert framework_id
+        await first.teardown()
+    again = FrameworkDriver(Recorder(), framework_info("doomed", framework_id=framework_id),
+                            zk=substrate.zk, cluster=substrate.cluster)
+    started = time.monotonic()
+    with pytest.raises(FrameworkError) as caught:
+        await again.start(timeout=20)
+    assert time.monotonic() - started < 10  # the refusal itself, not start()'s deadline
+    assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    message = str(caught.value)
+    assert message.startswith(f"SUBSCRIBE refused: framework {framework_id} was removed")
+    assert "\n" not in message
+    with pytest.raises(FrameworkError):
+        await again.revive()  # stopped for good

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from scheduler.registry import agents_path, frameworks_path, leading_master_sync
 from scheduler.resources import Resources
 from scheduler.simulated import SimulatedAgents
 from scheduler.v1 import scheduler_pb2 as pb
+from scheduler.v1 import scheduler_pb2_grpc as pb_grpc
 from scheduler.wire import resources_from_pb
 
 AGENT = Resources.parse("cpus:2;mem:1024;disk:1000;ports:[31000-31009]")
@@ -55,6 +57,38 @@ async def agent_and_framework(zk: str, master: str, prefix: str
     finally:
         await framework.close()
         await agents.close()
+
+
+@dataclass
+class Failover:
+    """A standby beside the leader, a simulated agent, and a framework running t1 (launched
+    on `offer`); `successor` is a framework client of the standby."""
+
+    standby: str
+    agents: SimulatedAgents
+    framework: Framework
+    successor: Framework
+    offer: pb.Offer
+
+
+@contextlib.asynccontextmanager
+async def t1_and_a_standby(zk: str, master: str, tmp_path: Path, prefix: str
+                           ) -> AsyncIterator[Failover]:
+    standby, standby_address = start_master(zk, tmp_path, "standby", reregister=10)
+    setup = Failover(standby_address, SimulatedAgents(zk, CLUSTER, 1, AGENT, prefix=prefix),
+                     Framework(master), Framework(standby_address), pb.Offer())
+    try:
+        await setup.agents.start(timeout=30)
+        await setup.framework.subscribe()
+        setup.offer = (await setup.framework.next_event("offers")).offers.offers[0]
+        await setup.framework.accept([setup.offer.offer_id], task("t1", "cpus:1;mem:128"))
+        await setup.framework.wait_update("t1", pb.TASK_RUNNING)
+        yield setup
+    finally:
+        await setup.successor.close()
+        await setup.framework.close()
+        await setup.agents.close()
+        standby.terminate(grace=5)
 
 
 @pytest.fixture
@@ -121,11 +155,21 @@ async def test_offers_launch_and_bad_accepts_change_nothing(zk: str, master: str
         await framework.wait_update("t2", pb.TASK_RUNNING)
 
         # KILL: known task -> KILLED; unknown task -> NOT_FOUND.
+        mark = len(framework.events)
         await framework.stub.Kill(pb.KillRequest(framework_id=f, stream_id=s, task_id="t2"),
                                   timeout=5)
         await framework.wait_update("t2", pb.TASK_KILLED)
         await rejected(framework.stub.Kill(pb.KillRequest(
             framework_id=f, stream_id=s, task_id="nope"), timeout=5), grpc.StatusCode.NOT_FOUND)
+
+        # The id of a task that ended is not reused: refused, nothing changed.
+        third = (await framework.next_event("offers", after=mark)).offers.offers[0]
+        before = await cluster_state(framework.stub)
+        reused = await rejected(launch([third.offer_id], task("t2", "cpus:0.5")),
+                                grpc.StatusCode.INVALID_ARGUMENT)
+        assert "t2" in reused
+        after = await cluster_state(framework.stub)
+        assert after.agents == before.agents and after.tasks == before.tasks
 
         # RECONCILE: explicit (with an unknown id) and implicit.
         mark = len(framework.events)
@@ -197,16 +241,8 @@ async def test_agent_gone_reports_unreachable_then_lost(zk: str, master: str) ->
 async def test_master_failover_keeps_agents_frameworks_and_tasks(
         zk: str, leader: tuple[Process, str], tmp_path: Path) -> None:
     process, master = leader
-    standby, standby_address = start_master(zk, tmp_path, "standby", reregister=10)
-    agents = SimulatedAgents(zk, CLUSTER, 1, AGENT, prefix="fo")
-    framework = Framework(master)
-    successor = Framework(standby_address)
-    try:
-        await agents.start(timeout=30)
-        await framework.subscribe()
-        offer = (await framework.next_event("offers")).offers.offers[0]
-        await framework.accept([offer.offer_id], task("t1", "cpus:1;mem:128"))
-        await framework.wait_update("t1", pb.TASK_RUNNING)
+    async with t1_and_a_standby(zk, master, tmp_path, "fo") as setup:
+        framework, successor, offer = setup.framework, setup.successor, setup.offer
         await framework.close()
 
         def registered() -> bool:  # the registry is written in the background
@@ -214,8 +250,7 @@ async def test_master_failover_keeps_agents_frameworks_and_tasks(
             return b'"t1"' in entries.get(offer.agent_id, b"")
         poll_for(registered, 10, what="the registry to record t1")
         process.kill()
-        poll_for(lambda: leading_master_sync(zk, CLUSTER) == standby_address, 15,
-                 what="the standby to lead")
+        await deciding(zk, setup.standby)
         await successor.subscribe(framework.framework_id)
         assert successor.framework_id == framework.framework_id
 
@@ -232,11 +267,6 @@ async def test_master_failover_keeps_agents_frameworks_and_tasks(
         update = await successor.next_event("update", after=mark)
         assert (update.update.status.task_id, update.update.status.state) == (
             "t1", pb.TASK_RUNNING)
-    finally:
-        await successor.close()
-        await framework.close()
-        await agents.close()
-        standby.terminate(grace=5)
 
 
 async def test_framework_failover_then_teardown(zk: str, master: str) -> None:
@@ -261,10 +291,14 @@ async def test_framework_failover_then_teardown(zk: str, master: str) -> None:
             await second.next_event("error")
             state = await cluster_state(second.stub)
             assert not state.frameworks
-            assert all(not a.used for a in state.agents)
+
+            async def freed() -> bool:  # once the agent reports its task killed
+                return all(not a.used for a in (await cluster_state(second.stub)).agents)
+            await async_poll_for(freed, 10, what="the agent's resources freed")
             # The agent's KILLED update is acknowledged by the master for the departed
-            # framework, and the registry forgets the framework.
-            await async_poll_for(_one_entry(zk), 10, what="the framework's entry to go")
+            # framework, and the registry keeps a tombstone of the framework.
+            poll_for(lambda: _removed(zk, frameworks_path(CLUSTER), second.framework_id), 10,
+                     what="the framework's tombstone")
             # A removed framework cannot come back under its id.
             call = second.stub.Subscribe(pb.SubscribeRequest(framework=pb.FrameworkInfo(
                 framework_id=second.framework_id, name="again")), timeout=5)
@@ -275,7 +309,94 @@ async def test_framework_failover_then_teardown(zk: str, master: str) -> None:
             await second.close()
 
 
-def _one_entry(zk: str) -> Any:
-    async def check() -> bool:
-        return len(await registry_versions(zk)) == 1
-    return check
+async def deciding(zk: str, address: str) -> None:
+    """Wait until the master at `address` leads and decides (it wins the election before
+    it has read the registry, and answers UNAVAILABLE until then)."""
+    poll_for(lambda: leading_master_sync(zk, CLUSTER) == address, 15,
+             what=f"{address} to lead")
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.MasterStub(channel)
+
+        async def answers() -> bool:
+            try:
+                await stub.GetState(pb.GetStateRequest(), timeout=2)
+            except grpc.aio.AioRpcError:
+                return False
+            return True
+        await async_poll_for(answers, 15, what=f"{address} to decide")
+
+
+def _removed(zk: str, path: str, name: str) -> bool:
+    """Whether the registry entry `path`/`name` is a tombstone."""
+    return b'"removed": true' in read_tree(zk, path).get(name, b"")
+
+
+def _restarted(agents: SimulatedAgents) -> SimulatedAgents:
+    """The same simulated agents (ids, running tasks, pending updates) on a new stream."""
+    again = SimulatedAgents(agents.zk, agents.cluster, 0, AGENT)
+    again.agents = agents.agents
+    for agent in again.agents:
+        agent.registered.clear()
+    return again
+
+
+async def test_a_kill_while_the_agent_is_away_reaches_it_when_it_returns(
+        zk: str, tmp_path: Path) -> None:
+    process, master = start_master(zk, tmp_path, "patient", reregister=20)
+    agents = SimulatedAgents(zk, CLUSTER, 1, AGENT, prefix="away")
+    framework = Framework(master)
+    try:
+        poll_for(lambda: leading_master_sync(zk, CLUSTER) == master, 30,
+                 what="the master to lead")
+        await agents.start(timeout=30)
+        await framework.subscribe()
+        offer = (await framework.next_event("offers")).offers.offers[0]
+        await framework.accept([offer.offer_id], task("t1", "cpus:1"))
+        await framework.wait_update("t1", pb.TASK_RUNNING)
+        await agents.close()
+        await framework.wait_update("t1", pb.TASK_UNREACHABLE)
+        await framework.stub.Kill(pb.KillRequest(
+            framework_id=framework.framework_id, stream_id=framework.stream_id,
+            task_id="t1"), timeout=5)  # no stream to the agent: kept for its return
+        assert "t1" in agents.agents[0]._running
+        agents = _restarted(agents)
+        await agents.start(timeout=30)
+        killed = await framework.wait_update("t1", pb.TASK_KILLED, timeout=15)
+        assert killed.source == pb.SOURCE_AGENT and killed.agent_id == offer.agent_id
+        assert "t1" not in agents.agents[0]._running
+    finally:
+        await framework.close()
+        await agents.close()
+        process.terminate(grace=5)
+
+
+async def test_a_removed_agent_stays_removed_across_a_master_failover(
+        zk: str, leader: tuple[Process, str], tmp_path: Path) -> None:
+    process, master = leader  # its agents have 2 s to come back
+    async with t1_and_a_standby(zk, master, tmp_path, "rm") as setup:
+        framework, successor, offer = setup.framework, setup.successor, setup.offer
+        await setup.agents.close()  # away past the re-register timeout: removed, t1 LOST
+        lost = await framework.wait_update("t1", pb.TASK_LOST, timeout=15)
+        assert lost.reason == pb.REASON_AGENT_REMOVED
+        poll_for(lambda: _removed(zk, agents_path(CLUSTER), offer.agent_id), 10,
+                 what="the agent's tombstone")
+        await framework.close()
+        process.kill()
+        await deciding(zk, setup.standby)
+        await successor.subscribe(framework.framework_id)
+
+        # The agent comes back to the new leader with its old id and t1 still running.
+        agent = setup.agents.agents[0]
+        assert agent.agent_id == offer.agent_id and "t1" in agent._running
+        setup.agents = _restarted(setup.agents)
+        await setup.agents.start(timeout=30)
+        assert agent.agent_id != offer.agent_id  # a new id
+        await async_poll_for(lambda: "t1" not in agent._running, 10,
+                             what="the agent told to kill t1")
+
+        async def settled() -> bool:
+            state = await cluster_state(successor.stub)
+            return (not state.tasks and [a.info.agent_id for a in state.agents]
+                    == [agent.agent_id] and not state.agents[0].used)
+        await async_poll_for(settled, 10, what="t1 killed and its resources free")
+        assert not [s for s in successor.updates("t1") if s.state == pb.TASK_RUNNING]

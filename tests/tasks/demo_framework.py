@@ -15,7 +15,8 @@ import asyncio
 import sys
 from pathlib import Path
 
-from scheduler.framework import Framework, FrameworkDriver, fits, task
+from scheduler.framework import Framework, FrameworkDriver
+from scheduler.taskinfo import fits, task
 from scheduler.v1 import scheduler_pb2 as pb
 
 SERVE_PORT = [sys.executable, str(Path(__file__).resolve().parent / "serve_port.py")]

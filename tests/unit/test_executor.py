@@ -17,7 +17,7 @@ from scheduler.executor import (
     volume_env_name,
 )
 from scheduler.health import HealthSpec, HealthTally, Verdict
-from scheduler.process import ExitStatus
+from scheduler.task_process import ExitStatus
 
 
 def test_expand_ports() -> None:

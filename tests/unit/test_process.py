@@ -10,13 +10,14 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from scheduler.deadline import async_poll_for, free_port, poll_for
-from scheduler.process import Process, pid_alive, run, spawn, terminate_pid
+from scheduler.process import Process, pid_alive, run, run_group, spawn, terminate_pid
 
 # A child that says it is ready (after installing its handlers) and then sleeps forever.
 SLEEPER = "import time\nprint('ready', flush=True)\nwhile True:\n    time.sleep(0.05)\n"
@@ -154,6 +155,64 @@ def test_run_captures_output() -> None:
 def test_run_times_out() -> None:
     with pytest.raises(TimeoutError, match=r"timed out after 0\.2s"):
         run([sys.executable, "-c", "import time; time.sleep(30)"], timeout=0.2)
+
+
+# Starts a sleeping grandchild, writes "<its pid> <the grandchild's pid>" to argv[1].
+PARENT_OF_SLEEPER = [sys.executable,
+                     str(Path(__file__).resolve().parents[1] / "tasks" / "parent_of_sleeper.py")]
+
+
+def family_of(pids: Path) -> tuple[int, int]:
+    leader, grandchild = (int(p) for p in pids.read_text().split())
+    return leader, grandchild
+
+
+def all_dead(*pids: int) -> None:
+    # Killed grandchildren are reparented and reaped by init: wait for that, bounded.
+    poll_for(lambda: not any(pid_alive(p) for p in pids), 5, what=f"{pids} to be gone")
+
+
+def reaped(pid: int) -> bool:
+    """Gone from /proc: not even a zombie waiting for its parent."""
+    return not Path(f"/proc/{pid}").exists()
+
+
+async def test_run_group_kills_the_whole_group_on_timeout(tmp_path: Path) -> None:
+    threads = threading.active_count()
+    pids = tmp_path / "pids"
+    running = asyncio.create_task(
+        run_group([*PARENT_OF_SLEEPER, str(pids)], 3.0))
+    await async_poll_for(pids.exists, 3.0, what="the command to start its grandchild")
+    leader, grandchild = family_of(pids)
+    with pytest.raises(TimeoutError, match=r"ran longer than 3\.0s; its process group"):
+        await asyncio.wait_for(running, 10)
+    all_dead(leader, grandchild)
+    assert reaped(leader)
+    assert threading.active_count() == threads  # no thread was left behind
+
+
+async def test_run_group_kills_the_whole_group_when_cancelled(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    running = asyncio.create_task(
+        run_group([*PARENT_OF_SLEEPER, str(pids)], 60))
+    await async_poll_for(pids.exists, 10, what="the command to start its grandchild")
+    leader, grandchild = family_of(pids)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    all_dead(leader, grandchild)
+    assert reaped(leader)
+
+
+async def test_run_group_returns_the_exit_status_and_sweeps_the_group(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    code = await run_group([*PARENT_OF_SLEEPER, str(pids), "3"], 20,
+                           cwd=tmp_path, env={"PATH": os.environ.get("PATH", "")})
+    assert code == 3
+    all_dead(*family_of(pids))  # what it left running in its group went with it
+    assert await run_group(["true"], 10) == 0
+    with pytest.raises(FileNotFoundError):
+        await run_group(["/nonexistent/program"], 10)
 
 
 def test_poll_for() -> None:

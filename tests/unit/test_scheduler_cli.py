@@ -1,5 +1,5 @@
 """The `scheduler` CLI without a cluster: command wiring, one-line failures, rendering of a
-ClusterState (scheduler.status), and the SDK's task builder (scheduler.framework.task)."""
+ClusterState (scheduler.status), and the task builder (scheduler.taskinfo.task)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from rich.console import Console
 
 from scheduler import cli
 from scheduler import status as st
-from scheduler.framework import fits, offered, task
 from scheduler.local import read_state, stop_recorded
 from scheduler.resources import Resources
+from scheduler.taskinfo import fits, offered, task
 from scheduler.v1 import scheduler_pb2 as pb
 from scheduler.wire import resources_from_pb
 
@@ -61,6 +61,25 @@ def test_a_missing_daemon_module_fails_in_one_line(monkeypatch: pytest.MonkeyPat
     assert result.exit_code == 1
     assert result.output.strip().count("\n") == 0
     assert "scheduler.no_such_module" in result.output
+
+
+@pytest.mark.parametrize(("flag", "value", "reason"), [
+    ("--resources", "cpus:x", "cpus: 'x' is not a number"),
+    ("--resources", "cpus:1;ports:[9-2]", "ports"),
+    ("--attributes", "zone", "expected name:value"),
+    ("--attributes", "zone:a;zone:b", "given twice"),
+])
+def test_a_malformed_agent_flag_fails_in_one_line_and_changes_nothing(
+        tmp_path: Path, flag: str, value: str, reason: str) -> None:
+    work_dir = tmp_path / "agent"
+    result = CliRunner().invoke(cli.main, ["agent", "--zk", "127.0.0.1:1", "--work-dir",
+                                           str(work_dir), flag, value])
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"error: {flag} {value!r} is malformed: ") and reason in line
+    assert "write it like" in line
+    assert not work_dir.exists()
 
 
 def test_read_commands_need_zookeeper() -> None:

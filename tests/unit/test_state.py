@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as hs
 
 from scheduler import state as st
@@ -96,7 +96,7 @@ def test_admission_assigns_an_id_and_writes_the_registry() -> None:
     writes = [a for a in actions if isinstance(a, st.WriteAgent)]
     assert writes == [st.WriteAgent(agent_id, {
         "hostname": "host1", "address": "127.0.0.1:1", "attributes": {"zone": "a"},
-        "registered_at": 0, "tasks": []})]
+        "registered_at": 0, "tasks": [], "doomed": []})]
     other, _ = add_agent(s, conn=2)
     assert other != agent_id
 
@@ -183,10 +183,21 @@ def test_terminal_update_frees_resources_and_is_forwarded(
     assert (fid, "t1") not in s.tasks and s.completed[(fid, "t1")].state == "TASK_FAILED"
     assert s.agents[agent_id].used == R("")
     assert s.frameworks[fid].used == R("")
-    # The id may be used again once the task is terminal.
+
+
+def test_a_task_id_is_not_reused_after_its_task_ended(
+        launched: tuple[st.MasterState, str, str, str]) -> None:
+    s, agent_id, fid, sid = launched
+    s.agent_update(agent_id, st.Status("t1", fid, agent_id, "TASK_FAILED", uuid=b"u2"), 2)
     [offer] = offers(s.allocate(10), fid)
-    s.accept(fid, s.frameworks[fid].stream_id, [offer.offer_id], [launch(("t1", "cpus:1"))],
-             0, 11)
+    before = snapshot(s)
+    with pytest.raises(st.InvalidArgument, match="not reused") as caught:
+        s.accept(fid, sid, [offer.offer_id], [launch(("t1", "cpus:1"))], 0, 11)
+    assert "\n" not in str(caught.value)
+    assert snapshot(s) == before and s.completed[(fid, "t1")].state == "TASK_FAILED"
+    # The agent resends the old FAILED: it still names the old task, and changes nothing.
+    s.agent_update(agent_id, st.Status("t1", fid, agent_id, "TASK_FAILED", uuid=b"u2"), 12)
+    assert snapshot(s) == before
 
 
 def test_update_for_a_departed_framework_is_acknowledged_by_the_master() -> None:
@@ -239,13 +250,20 @@ def test_agent_silent_then_removed_reports_lost_and_failure(
     [lost] = updates(actions, "t1")
     assert (lost.state, lost.reason) == ("TASK_LOST", "REASON_AGENT_REMOVED")
     assert st.ToFramework(fid, st.Failure(agent_id)) in actions
-    assert st.WriteAgent(agent_id, None) in actions
+    assert st.WriteAgent(agent_id, st.tombstone(40)) in actions
     assert agent_id not in s.agents
     # It comes back after all: a new id, and its tasks are killed.
     report = st.AgentTaskReport(fid, b"", "web", "t1", b"", R("cpus:1"), "TASK_RUNNING")
     new_id, actions = add_agent(s, conn=3, agent_id=agent_id, now=50, reports=(report,))
     assert new_id != agent_id
     assert [m.task_id for m in to_agent(actions, st.KillTask)] == ["t1"]
+    # Until the agent says it ended, the doomed task's resources are not offered.
+    [offer] = offers(s.allocate(51), fid)
+    assert offer.resources == R(AGENT) - R("cpus:1")
+    killed = st.Status("t1", fid, new_id, "TASK_KILLED", source="SOURCE_AGENT", uuid=b"k")
+    actions = s.agent_update(new_id, killed, 52)
+    assert actions == [st.ToAgent(new_id, st.Acknowledge(fid, "t1", b"k"))]  # not forwarded
+    assert s.agents[new_id].used == R("") and (fid, "t1") not in s.tasks
 
 
 def test_a_newer_stream_of_the_same_agent_replaces_the_old(
@@ -304,8 +322,14 @@ def test_failover_timeout_tears_the_framework_down(
     assert s.tick(20) == []
     actions = s.tick(20.5)
     assert st.ToAgent(agent_id, st.ShutdownFramework(fid)) in actions
-    assert st.WriteFramework(fid, None) in actions
-    assert fid not in s.frameworks and s.agents[agent_id].used == R("")
+    assert st.WriteFramework(fid, st.tombstone(20.5)) in actions
+    assert fid not in s.frameworks and (fid, "t1") not in s.tasks
+    # Its task's resources stay taken until the agent has killed it.
+    assert s.agents[agent_id].used == R("cpus:1;mem:512")
+    actions = s.agent_update(agent_id, st.Status("t1", fid, agent_id, "TASK_KILLED",
+                                                 uuid=b"k"), 21)
+    assert actions == [st.ToAgent(agent_id, st.Acknowledge(fid, "t1", b"k"))]
+    assert s.agents[agent_id].used == R("")
     with pytest.raises(st.FailedPrecondition, match="removed"):
         s.subscribe(300, fid, "fw", "web", "", 10, b"", 21)
 
@@ -392,7 +416,7 @@ def test_recovered_agent_that_never_returns_is_lost() -> None:
     s.subscribe(1, "f", "fw", "web", "", 1000, b"", 1)
     actions = s.tick(31)
     assert [(u.task_id, u.state) for u in updates(actions)] == [("t", "TASK_LOST")]
-    assert st.WriteAgent("a1", None) in actions
+    assert st.WriteAgent("a1", st.tombstone(31)) in actions
 
 
 def test_reserve_and_create_change_the_agent_total() -> None:
@@ -420,77 +444,114 @@ def test_reserve_and_create_change_the_agent_total() -> None:
 
 # ------------------------------------------------------------------ properties
 
-EVENTS = hs.lists(hs.tuples(
-    hs.sampled_from(["allocate", "accept", "finish", "kill", "decline", "drop", "back",
-                     "tick", "bad", "suppress", "revive"]),
-    hs.integers(0, 2), hs.floats(0.1, 3.0), hs.integers(0, 3)), max_size=40)
+Key = tuple[str, str]
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(EVENTS)
-def test_used_plus_offered_never_exceeds_total_and_failures_change_nothing(
-        events: list[tuple[str, int, float, int]]) -> None:
-    s = machine()
-    conns = {}
-    for i in range(2):
-        agent_id, _ = add_agent(s, conn=i + 1, total="cpus:4;mem:4096;ports:[31000-31003]")
-        conns[agent_id] = i + 1
-    frameworks = [add_framework(s, conn=100 + i) for i in range(2)]
-    now, counter = 0.0, 0
-    for kind, who, size, port in events:
-        now += 1.0
-        fid, sid = frameworks[who % 2]
-        mine = sorted((o for o in s.offers.values() if o.framework_id == fid),
-                      key=lambda o: o.offer_id)
-        if kind == "allocate":
-            s.allocate(now)
-        elif kind in ("accept", "bad") and mine:
-            offer = mine[0]
-            counter += 1
-            spec = f"cpus:{size};mem:{int(size * 700)};ports:[{31000 + port}-{31000 + port}]"
-            tasks = [(f"t{counter}", spec)]
-            if kind == "bad":
-                tasks.append((f"t{counter}", "cpus:0.1"))  # a duplicate id: all refused
-            before = snapshot(s)
-            try:
-                s.accept(fid, sid, [offer.offer_id], [launch(*tasks)], 0, now)
-            except st.CallError:
-                assert snapshot(s) == before
-        elif kind in ("finish", "kill"):
-            live = sorted(s.tasks.values(), key=lambda t: t.task_id)
-            if live:
-                task = live[port % len(live)]
-                state = "TASK_FINISHED" if kind == "finish" else "TASK_KILLED"
-                s.agent_update(task.agent_id, st.Status(task.task_id, task.framework_id,
-                                                        task.agent_id, state), now)
-        elif kind == "decline" and mine:
-            s.decline(fid, sid, [mine[0].offer_id], 0, now)
-        elif kind == "drop":
-            if s.agents:
-                dropped = sorted(s.agents)[who % len(s.agents)]
-                if s.agents[dropped].connected:
-                    s.agent_disconnected(conns[dropped], now)
-        elif kind == "back":
-            for agent_id, agent in sorted(s.agents.items()):
-                if not agent.connected:
-                    reports = [st.AgentTaskReport(t.framework_id, b"", "web", t.task_id, b"",
-                                                  t.resources, "TASK_RUNNING")
-                               for t in s.tasks.values() if t.agent_id == agent_id]
-                    conns[agent_id] += 10
-                    add_agent(s, conn=conns[agent_id], agent_id=agent_id, now=now,
-                              total=str(agent.total), reports=tuple(reports))
-        elif kind == "suppress":
-            s.suppress(fid, sid)
-        elif kind == "revive":
-            s.revive(fid, sid)
-        elif kind == "tick":
-            for agent_id in s.agents:
-                s.agent_heartbeat(agent_id, now)
-            s.tick(now)
+class World:
+    """A master (replaced at each failover, from the registry its predecessor wrote), two
+    agents and two frameworks. The agents run what the master's messages say: a task is
+    held from its RunTask until it finishes or a KillTask is carried out, and updates made
+    while an agent is away are sent when it is back."""
+
+    def __init__(self) -> None:
+        self.s = machine()
+        self.registry = Registry()
+        self.terms = 0
+        self.conn = 0
+        self.held: list[dict[Key, Resources]] = [{}, {}]
+        self.ids = ["", ""]
+        self.conns: list[int | None] = [None, None]
+        self.killing: list[set[Key]] = [set(), set()]
+        self.outbox: list[list[st.Status]] = [[], []]
+        self.frameworks: list[tuple[str, str]] = []
+        self.ended: set[Key] = set()  # tasks a framework was told are over
+        for i in range(2):
+            self.register(i, 0)
+        for _ in range(2):
+            self.frameworks.append(self.subscribe("", 0))
+
+    def next_conn(self) -> int:
+        self.conn += 1
+        return self.conn
+
+    def subscribe(self, framework_id: str, now: float) -> tuple[str, str]:
+        try:
+            actions = self.s.subscribe(self.next_conn(), framework_id, "fw", "web", "", 10,
+                                       b"info", now)
+        except st.FailedPrecondition:  # removed: a new framework takes its place
+            actions = self.s.subscribe(self.next_conn(), "", "fw", "web", "", 10, b"", now)
+        [subscribed] = [a.event for a in actions if isinstance(a, st.ToFramework)
+                        and isinstance(a.event, st.Subscribed)]
+        self.apply(actions)
+        return subscribed.framework_id, subscribed.stream_id
+
+    def connected(self, i: int) -> st.Agent | None:
+        agent = self.s.agents.get(self.ids[i])
+        if agent is None or self.conns[i] is None or agent.conn != self.conns[i]:
+            return None
+        return agent
+
+    def apply(self, actions: list[st.Action]) -> None:
+        """Carry out the master's actions as the daemon and the agents would."""
+        self.registry.apply(actions)
+        for action in actions:
+            if isinstance(action, st.ToFramework) and isinstance(action.event, st.Update) \
+                    and action.event.status.state in st.TERMINAL_STATES:
+                self.ended.add((action.framework_id, action.event.status.task_id))
+            if not isinstance(action, st.ToAgent):
+                continue
+            i = next((i for i in range(2) if self.ids[i] == action.agent_id), None)
+            if i is None or self.connected(i) is None:
+                continue  # no stream: dropped
+            message = action.message
+            key = (getattr(message, "framework_id", ""), getattr(message, "task_id", ""))
+            if isinstance(message, st.RunTask):
+                self.held[i][key] = self.s.tasks[key].resources
+            elif isinstance(message, st.KillTask) and key in self.held[i]:
+                self.killing[i].add(key)
+            elif isinstance(message, st.ShutdownFramework):
+                self.killing[i] |= {k for k in self.held[i] if k[0] == message.framework_id}
+
+    def register(self, i: int, now: float) -> list[st.Action]:
+        reports = [st.AgentTaskReport(k[0], b"", "web", k[1], b"", r, "TASK_RUNNING")
+                   for k, r in sorted(self.held[i].items())]
+        self.conns[i] = self.next_conn()
+        actions = self.s.register_agent(self.conns[i], self.ids[i], f"h{i}", "", R(AGENT_TOTAL),
+                                        {}, reports, now)
+        [registered] = to_agent(actions, st.Registered)
+        self.ids[i] = registered.agent_id
+        self.apply(actions)
+        for status in self.outbox[i]:
+            self.apply(self.s.agent_update(self.ids[i], status, now))
+        self.outbox[i] = []
+        return actions
+
+    def end(self, i: int, key: Key, state: str, now: float) -> None:
+        """Task `key` on agent `i` ends: its update goes now, or when the agent is back."""
+        del self.held[i][key]
+        self.killing[i].discard(key)
+        status = st.Status(key[1], key[0], self.ids[i], state, source="SOURCE_AGENT",
+                           uuid=f"{key}{state}".encode())
+        if self.connected(i) is not None:
+            self.apply(self.s.agent_update(self.ids[i], status, now))
+        else:
+            self.outbox[i].append(status)
+
+    def failover(self, now: float) -> None:
+        self.terms += 1
+        self.s, actions = self.registry.successor(now, prefix=f"n{self.terms}")
+        self.apply(actions)
+        self.frameworks = [self.subscribe(fid, now) for fid, _ in self.frameworks]
+        for i in range(2):
+            if self.conns[i] is not None:  # its stream ended with the old master
+                self.register(i, now)
+
+    def check(self) -> None:
+        s = self.s
         for agent in s.agents.values():
             assert agent.total.contains(agent.used + agent.offered), (agent.used, agent.offered)
-            assert agent.used == _sum(t.resources for t in s.tasks.values()
-                                      if t.agent_id == agent.agent_id)
+            assert agent.used == _sum([*(s.tasks[k].resources for k in agent.task_keys),
+                                       *agent.doomed.values()])
             assert agent.offered == _sum(o.resources for o in s.offers.values()
                                          if o.agent_id == agent.agent_id)
         for framework in s.frameworks.values():
@@ -500,6 +561,122 @@ def test_used_plus_offered_never_exceeds_total_and_failures_change_nothing(
             assert framework.offered == _scalars(_sum(
                 o.resources for o in s.offers.values()
                 if o.framework_id == framework.framework_id))
+        # A task the framework was told is over never comes back to life.
+        assert not self.ended & set(s.tasks), self.ended & set(s.tasks)
+        for i in range(2):
+            agent = self.connected(i)
+            if agent is not None:
+                # Every process an agent runs is counted on it: its framework's task there,
+                # or doomed (being killed). Nothing runs unseen, nothing is counted twice.
+                assert set(self.held[i]) == agent.task_keys | set(agent.doomed)
+                assert agent.used == _sum(self.held[i].values()), (agent.used, self.held[i])
+
+
+AGENT_TOTAL = "cpus:4;mem:4096;ports:[31000-31003]"
+EVENTS = hs.lists(hs.tuples(
+    hs.sampled_from(["allocate", "accept", "finish", "kill", "reap", "decline", "drop",
+                     "back", "tick", "bad", "reuse", "suppress", "revive", "failover",
+                     "teardown"]),
+    hs.integers(0, 2), hs.floats(0.1, 3.0), hs.integers(0, 3)), min_size=20, max_size=60)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(EVENTS)
+# The review's scenarios, always run: a KILL while the agent is away; an agent removed,
+# then a failover, then its return; a task id reused after its task ended; a teardown
+# while a task runs, then a failover while it is being killed.
+@example([("accept", 0, 1.0, 0), ("drop", 0, 1.0, 0), ("kill", 0, 1.0, 0),
+          ("back", 0, 1.0, 0), ("reap", 0, 1.0, 0)])
+@example([("accept", 0, 1.0, 0), ("drop", 0, 1.0, 0), ("tick", 0, 3.0, 0),
+          ("tick", 0, 3.0, 0), ("failover", 0, 1.0, 0), ("back", 0, 1.0, 0),
+          ("reap", 0, 1.0, 0)])
+@example([("accept", 0, 1.0, 0), ("finish", 0, 1.0, 0), ("reuse", 0, 1.0, 0)])
+@example([("accept", 0, 1.0, 0), ("teardown", 0, 1.0, 0), ("failover", 0, 1.0, 0),
+          ("reap", 0, 1.0, 0)])
+def test_the_master_counts_what_the_agents_run_and_failures_change_nothing(
+        events: list[tuple[str, int, float, int]]) -> None:
+    world = World()
+    now, counter = 0.0, 0
+    for kind, who, size, port in events:
+        now += 1.0
+        s = world.s
+        fid, sid = world.frameworks[who % 2]
+        mine = sorted((o for o in s.offers.values() if o.framework_id == fid),
+                      key=lambda o: o.offer_id)
+        i = who % 2
+        if kind == "allocate":
+            world.apply(s.allocate(now))
+        elif kind in ("accept", "bad", "reuse"):
+            if not mine:
+                world.apply(s.allocate(now))
+                mine = sorted((o for o in s.offers.values() if o.framework_id == fid),
+                              key=lambda o: o.offer_id)
+                if not mine:
+                    continue
+            counter += 1
+            task_id = f"t{counter}"
+            if kind == "reuse":
+                used = sorted(k[1] for k in [*s.tasks, *s.completed] if k[0] == fid)
+                task_id = used[port % len(used)] if used else task_id
+            spec = f"cpus:{size};mem:{int(size * 700)};ports:[{31000 + port}-{31000 + port}]"
+            tasks = [(task_id, spec)]
+            if kind == "bad":
+                tasks.append((task_id, "cpus:0.1"))  # a duplicate id: all refused
+            before = snapshot(s)
+            try:
+                world.apply(s.accept(fid, sid, [mine[0].offer_id], [launch(*tasks)], 0, now))
+                assert kind == "accept" or (kind == "reuse" and task_id == f"t{counter}")
+            except st.CallError as exc:
+                assert snapshot(s) == before
+                if kind == "reuse" and task_id != f"t{counter}":
+                    assert isinstance(exc, st.InvalidArgument) and "reused" in str(exc)
+        elif kind == "finish":
+            live = sorted((j, k) for j in range(2) for k in world.held[j])
+            if live:
+                j, key = live[port % len(live)]
+                world.end(j, key, "TASK_FINISHED", now)
+        elif kind == "kill":
+            # Also for tasks whose agent is away: the KILL must reach it when it is back.
+            live = sorted(s.tasks)
+            away = [k for k in live if (a := s.agents.get(s.tasks[k].agent_id)) is None
+                    or not a.connected]
+            live = away if away and port % 2 == 0 else live
+            if live:
+                key = live[port % len(live)]
+                world.apply(s.kill(key[0], s.frameworks[key[0]].stream_id, key[1], "", 0, now))
+        elif kind == "reap":
+            for j in range(2):
+                for key in sorted(world.killing[j]):
+                    world.end(j, key, "TASK_KILLED", now)
+        elif kind == "decline" and mine:
+            world.apply(s.decline(fid, sid, [mine[0].offer_id], 0, now))
+        elif kind == "drop" and world.connected(i) is not None:
+            conn, world.conns[i] = world.conns[i], None
+            world.apply(s.agent_disconnected(conn or 0, now))
+        elif kind == "back":
+            for j in range(2):
+                if world.connected(j) is None:
+                    asked = {k for k in world.held[j] if (t := s.tasks.get(k)) is not None
+                             and t.kill is not None and t.agent_id == world.ids[j]}
+                    actions = world.register(j, now)
+                    assert asked <= {(m.framework_id, m.task_id)
+                                     for m in to_agent(actions, st.KillTask)}
+        elif kind == "suppress":
+            s.suppress(fid, sid)
+        elif kind == "revive":
+            s.revive(fid, sid)
+        elif kind == "tick":
+            now += 10 * size  # up to 30 s: agents away that long are removed
+            for j in range(2):
+                if world.connected(j) is not None:
+                    s.agent_heartbeat(world.ids[j], now)
+            world.apply(s.tick(now))
+        elif kind == "failover":
+            world.failover(now)
+        elif kind == "teardown":
+            world.apply(s.teardown(fid, sid, now))
+            world.frameworks[who % 2] = world.subscribe("", now)
+        world.check()
 
 
 def _scalars(resources: Resources) -> Resources:
@@ -533,3 +710,156 @@ def test_reservations_the_agent_missed_are_checkpointed_again() -> None:
     [checkpoint] = to_agent(actions, st.CheckpointResources)
     assert checkpoint.resources.reserved("db") == R("cpus:1;disk:100", role="db")
     assert checkpoint.resources.scalar("cpus") == 8
+
+
+# ------------------------------------------------------------------ registry and failover
+
+
+class Registry:
+    """The registry as the master's writes leave it (what a new leader reads)."""
+
+    def __init__(self) -> None:
+        self.agents: dict[str, dict[str, Any]] = {}
+        self.frameworks: dict[str, dict[str, Any]] = {}
+
+    def apply(self, actions: list[st.Action]) -> list[st.Action]:
+        for action in actions:
+            if isinstance(action, st.WriteAgent | st.WriteFramework):
+                entries = self.agents if isinstance(action, st.WriteAgent) else self.frameworks
+                name = (action.agent_id if isinstance(action, st.WriteAgent)
+                        else action.framework_id)
+                if action.data is None:
+                    entries.pop(name, None)
+                else:
+                    entries[name] = action.data
+        return actions
+
+    def successor(self, now: float, prefix: str = "n") -> tuple[st.MasterState, list[st.Action]]:
+        s = st.MasterState(st.StateConfig(agent_timeout=5, agent_reregister_timeout=30,
+                                          offer_timeout=60, id_prefix=prefix))
+        return s, self.apply(s.recover(dict(self.agents), dict(self.frameworks), now))
+
+
+def test_a_removed_agent_stays_removed_across_a_master_failover() -> None:
+    registry = Registry()
+    s = machine()
+    agent_id, actions = add_agent(s)
+    registry.apply(actions)
+    registry.apply(s.subscribe(100, "", "fw", "web", "", 1000, b"info", 0))
+    fid, sid = next(iter(s.frameworks)), next(iter(s.frameworks.values())).stream_id
+    [offer] = offers(s.allocate(0), fid)
+    registry.apply(s.accept(fid, sid, [offer.offer_id], [launch(("t1", "cpus:1"))], 0, 0))
+    registry.apply(s.tick(6))  # silent: unreachable
+    actions = registry.apply(s.tick(37))  # gone for good: t1 LOST
+    assert [u.state for u in updates(actions, "t1")] == ["TASK_LOST"]
+    assert registry.agents[agent_id] == st.tombstone(37)
+
+    s, actions = registry.successor(40)
+    assert actions == [] and agent_id in s.removed_agents and agent_id not in s.agents
+    _, new_sid = add_framework(s, conn=101, framework_id=fid, now=41)
+    # The agent returns with its old id and the task the framework was told is LOST.
+    report = st.AgentTaskReport(fid, b"info", "web", "t1", b"t1", R("cpus:1"), "TASK_RUNNING")
+    new_id, actions = add_agent(s, conn=2, agent_id=agent_id, now=42, reports=(report,))
+    assert new_id != agent_id
+    assert to_agent(actions, st.KillTask) == [
+        st.KillTask(fid, "t1", reason="REASON_AGENT_REMOVED")]
+    assert updates(actions) == [] and (fid, "t1") not in s.tasks
+    assert updates(s.reconcile(fid, new_sid, [], 43)) == []
+    assert s.agents[new_id].used == R("cpus:1")  # held until the kill is reported
+    # It reconnects before the kill ended: told again, still counted.
+    s.agent_disconnected(2, 44)
+    _, actions = add_agent(s, conn=3, agent_id=new_id, now=45, reports=(report,))
+    assert [m.task_id for m in to_agent(actions, st.KillTask)] == ["t1"]
+    assert s.agents[new_id].used == R("cpus:1") and (fid, "t1") not in s.tasks
+    s.agent_update(new_id, st.Status("t1", fid, new_id, "TASK_KILLED", uuid=b"k"), 46)
+    assert s.agents[new_id].used == R("")
+
+
+def test_a_removed_framework_stays_removed_and_old_tombstones_go() -> None:
+    registry = Registry()
+    s = machine()
+    fid, _ = add_framework(s)
+    registry.apply(s.subscribe(100, fid, "fw", "web", "", 10, b"info", 0))
+    registry.apply(s.teardown(fid, s.frameworks[fid].stream_id, 1))
+    assert registry.frameworks[fid] == st.tombstone(1)
+    s, _ = registry.successor(2)
+    with pytest.raises(st.FailedPrecondition, match="removed"):
+        s.subscribe(7, fid, "fw", "web", "", 10, b"", 3)
+    # A task of the removed framework an agent still holds is killed, not adopted.
+    report = st.AgentTaskReport(fid, b"", "web", "t", b"", R("cpus:1"), "TASK_RUNNING")
+    agent_id, actions = add_agent(s, conn=8, agent_id="a-old", now=4, reports=(report,))
+    assert to_agent(actions, st.KillTask) == [
+        st.KillTask(fid, "t", reason="REASON_FRAMEWORK_REMOVED")]
+    assert fid not in s.frameworks and not s.tasks and s.agents[agent_id].used == R("cpus:1")
+    # Two weeks on, the next leader deletes the tombstone.
+    later, actions = registry.successor(1 + CONFIG.removed_kept + 1)
+    assert actions == [st.WriteFramework(fid, None)] and fid not in registry.frameworks
+    assert fid not in later.removed_frameworks
+
+
+def test_a_kill_while_the_agent_is_away_reaches_it_when_it_returns(
+        launched: tuple[st.MasterState, str, str, str]) -> None:
+    s, agent_id, fid, sid = launched
+    s.agent_disconnected(1, 2)
+    actions = s.kill(fid, sid, "t1", agent_id, 3, 3)  # dropped by the daemon: no stream
+    assert actions == [st.ToAgent(agent_id, st.KillTask(fid, "t1", 3))]
+    report = st.AgentTaskReport(fid, b"info", "web", "t1", b"t1", R("cpus:1;mem:512"),
+                                "TASK_RUNNING")
+    _, actions = add_agent(s, conn=2, agent_id=agent_id, now=4, reports=(report,))
+    assert to_agent(actions, st.KillTask) == [st.KillTask(fid, "t1", 3)]
+    actions = s.agent_update(agent_id, st.Status("t1", fid, agent_id, "TASK_KILLED",
+                                                 source="SOURCE_AGENT", uuid=b"k"), 5)
+    assert [u.state for u in updates(actions, "t1")] == ["TASK_KILLED"]
+    assert s.agents[agent_id].used == R("")
+
+
+def test_a_kill_of_a_recovering_task_reaches_its_agent_when_it_returns(
+        launched: tuple[st.MasterState, str, str, str]) -> None:
+    old, agent_id, fid, _ = launched
+    registry = Registry()
+    registry.apply([old._agent_entry(a) for a in old.agents.values()])
+    registry.apply([old._framework_entry(f) for f in old.frameworks.values()])
+    s, _ = registry.successor(10)
+    _, sid = add_framework(s, conn=7, framework_id=fid, now=11)
+    assert s.kill(fid, sid, "t1", agent_id, 0, 12) == [
+        st.ToAgent(agent_id, st.KillTask(fid, "t1"))]
+    report = st.AgentTaskReport(fid, b"info", "web", "t1", b"t1", R("cpus:1;mem:512"),
+                                "TASK_RUNNING")
+    _, actions = add_agent(s, conn=8, agent_id=agent_id, now=13, reports=(report,))
+    assert to_agent(actions, st.KillTask) == [st.KillTask(fid, "t1")]
+
+
+def test_recovered_tasks_of_a_framework_with_no_entry_do_not_break_registration() -> None:
+    # The agent's entry was written, its framework's was not (the write failed, then the
+    # leader died): every Register of that agent must still be taken.
+    s = machine()
+    s.recover({"a1": {"hostname": "h", "tasks": [{"framework_id": "ghost", "task_id": "t"},
+                                                 {"framework_id": "ghost", "task_id": "u"}]}},
+              {}, 0)
+    report = st.AgentTaskReport("ghost", b"", "web", "u", b"", R("cpus:1"), "TASK_RUNNING")
+    agent_id, _ = add_agent(s, conn=1, agent_id="a1", now=1, reports=(report,))
+    assert agent_id == "a1" and s.agents["a1"].connected
+    assert s.tasks[("ghost", "u")].state == "TASK_RUNNING"
+    # Without a report either.
+    s = machine()
+    s.recover({"a1": {"hostname": "h", "tasks": [{"framework_id": "ghost", "task_id": "t"}]}},
+              {}, 0)
+    add_agent(s, conn=1, agent_id="a1", now=1)
+    s.agent_heartbeat("a1", 6.5)
+    assert [u.state for u in updates(s.tick(7))] == ["TASK_LOST"]
+
+
+def test_a_second_copy_of_a_task_held_elsewhere_is_killed_and_counted_until_it_ends(
+        launched: tuple[st.MasterState, str, str, str]) -> None:
+    s, agent_id, fid, _ = launched
+    other, _ = add_agent(s, conn=2)
+    s.agent_disconnected(2, 2)
+    copy = st.AgentTaskReport(fid, b"", "web", "t1", b"", R("cpus:1;mem:512"), "TASK_RUNNING")
+    _, actions = add_agent(s, conn=3, agent_id=other, now=3, reports=(copy,))
+    assert to_agent(actions, st.KillTask) == [
+        st.KillTask(fid, "t1", reason="REASON_INVALID")]
+    assert s.tasks[(fid, "t1")].agent_id == agent_id and updates(actions) == []
+    assert s.agents[other].used == R("cpus:1;mem:512")
+    actions = s.agent_update(other, st.Status("t1", fid, other, "TASK_KILLED", uuid=b"k"), 4)
+    assert updates(actions) == [] and s.agents[other].used == R("")
+    assert s.tasks[(fid, "t1")].state == "TASK_RUNNING"
