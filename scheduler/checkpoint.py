@@ -89,8 +89,10 @@ class TaskRecord:
 
 
 def _name(ident: str) -> str:
-    """A file name for an id: ids are opaque strings, so escape '/' and friends."""
-    return quote(ident, safe="-_.") or "%"
+    """A file name for an id: ids are opaque strings, so escape '/' and friends, and the
+    dots of '.' and '..' (which would name a directory, not a file)."""
+    name = quote(ident, safe="-_.")
+    return name.replace(".", "%2E") if name in (".", "..") else name or "%"
 
 
 class Checkpoint:

@@ -107,10 +107,25 @@ def plan_accept(framework: Framework, agent: Agent, offers: Sequence[Offer],
     return AcceptPlan(tuple(launches), total, available)
 
 
+MAX_ID_LENGTH = 255
+
+
+def valid_id(ident: str) -> bool:
+    """Whether a framework or task id can name a directory of its own (an agent keeps a
+    task's sandbox and checkpoint under its ids): not empty, at most 255 characters, no
+    '/' or NUL, not '.' or '..' (as Mesos requires of task ids)."""
+    return (0 < len(ident) <= MAX_ID_LENGTH and "/" not in ident and "\0" not in ident
+            and ident not in (".", ".."))
+
+
 def _check_task(agent: Agent, spec: TaskSpec, available: Resources,
                 task_id_used: Callable[[str], bool], agent_known: Callable[[str], bool]) -> None:
     if not spec.task_id:
         raise InvalidArgument("a task has an empty task id")
+    if not valid_id(spec.task_id):
+        raise InvalidArgument(f"task id {spec.task_id[:64]!r} cannot name a sandbox: ids are "
+                              f"1..{MAX_ID_LENGTH} characters, without '/' or NUL, not '.' "
+                              "or '..'")
     if spec.agent_id and spec.agent_id != agent.agent_id:
         if not agent_known(spec.agent_id):
             raise NotFound(f"task {spec.task_id}: unknown agent {spec.agent_id!r}")

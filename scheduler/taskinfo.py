@@ -16,6 +16,7 @@ from pathlib import Path
 
 from scheduler.executor import TaskSpec, VolumeMount, expand_ports
 from scheduler.health import HealthSpec
+from scheduler.offers import valid_id
 from scheduler.resources import UNRESERVED, Range, Resource, Resources
 from scheduler.v1 import scheduler_pb2 as pb
 from scheduler.wire import resources_from_pb, resources_to_pb
@@ -117,7 +118,7 @@ def offered(offer: pb.Offer) -> dict[str, float]:
 
 def safe_name(ident: str) -> bool:
     """Whether `ident` (a framework or task id) can name a directory of its own."""
-    return bool(ident) and "/" not in ident and "\0" not in ident and ident not in (".", "..")
+    return valid_id(ident)
 
 
 def task_spec(

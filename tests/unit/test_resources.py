@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from scheduler.resources import (
@@ -287,6 +287,12 @@ def test_dominant_share_of_contained_usage_is_within_0_and_1(
 def test_reserve_then_unreserve_is_identity(
     data: st.DataObject, total: Resources, role: str, principal: str
 ) -> None:
+    # An agent's port belongs to one pool: the same port unreserved and reserved at once
+    # is not a state an agent can be in (and reserving it again would merge the two).
+    def size(ranges: tuple[Range, ...]) -> int:
+        return sum(r.end - r.begin + 1 for r in ranges)
+
+    assume(sum(size(i.ranges) for i in total if i.name == "ports") == size(total.ranges("ports")))
     wanted = data.draw(part_of(total.unreserved()))
     if wanted.is_empty():
         return

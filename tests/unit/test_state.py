@@ -200,6 +200,18 @@ def test_a_task_id_is_not_reused_after_its_task_ended(
     assert snapshot(s) == before
 
 
+@pytest.mark.parametrize("task_id", ["..", ".", "a/b", "x" * 256, "nul\0"])
+def test_a_task_id_that_cannot_name_a_sandbox_is_refused(
+        launched: tuple[st.MasterState, str, str, str], task_id: str) -> None:
+    s, _, fid, sid = launched
+    [offer] = offers(s.allocate(10), fid)
+    before = snapshot(s)
+    with pytest.raises(st.InvalidArgument, match="cannot name a sandbox") as caught:
+        s.accept(fid, sid, [offer.offer_id], [launch((task_id, "cpus:1"))], 0, 11)
+    assert "\n" not in str(caught.value)
+    assert snapshot(s) == before
+
+
 def test_update_for_a_departed_framework_is_acknowledged_by_the_master() -> None:
     s = machine()
     agent_id, _ = add_agent(s)
