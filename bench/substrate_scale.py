@@ -29,17 +29,19 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from scheduler.deadline import free_port, poll_for
+from scheduler.deadline import async_poll_for, free_port, poll_for
 from scheduler.framework import Framework, FrameworkDriver
 from scheduler.process import Process, spawn
 from scheduler.resources import Resources
 from scheduler.v1 import scheduler_pb2 as pb
 from scheduler.wire import resources_from_pb, resources_to_pb
 from scheduler.zookeeper import ZooKeeperServer
+from storage.bench import cpu_seconds, memory_mib
 
 TASKS_PER_AGENT = 10
 AGENTS_PER_PROCESS = 250
@@ -54,16 +56,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def proc_peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+def cpu_of(pid: int) -> float:
+    seconds = cpu_seconds(pid)
+    if seconds is None:
+        raise RuntimeError(f"the master (pid {pid}) is gone")
+    return seconds
 
 
 class Recorder(Framework):
@@ -73,12 +70,10 @@ class Recorder(Framework):
         self.offers: dict[str, pb.Offer] = {}
         self.latency: dict[int, list[float]] = {}
         self.states: dict[str, int] = {}
-        self.changed = asyncio.Event()
 
     async def on_offers(self, driver: FrameworkDriver, offers: list[pb.Offer]) -> None:
         for offer in offers:
             self.offers[offer.offer_id] = offer
-        self.changed.set()
 
     async def on_rescind(self, driver: FrameworkDriver, offer_id: str) -> None:
         self.offers.pop(offer_id, None)
@@ -87,7 +82,6 @@ class Recorder(Framework):
         if status.timestamp:
             self.latency.setdefault(status.state, []).append(time.time() - status.timestamp)
         self.states[status.task_id] = status.state
-        self.changed.set()
 
     def agents_offered(self) -> set[str]:
         return {o.agent_id for o in self.offers.values()}
@@ -97,20 +91,11 @@ class Recorder(Framework):
 
 
 async def wait_until(recorder: Recorder, predicate: Any, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        recorder.changed.clear()
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            counts: dict[str, int] = {}
-            for state in recorder.states.values():
-                name = pb.TaskState.Name(state)  # type: ignore[arg-type]
-                counts[name] = counts.get(name, 0) + 1
-            raise TimeoutError(f"condition not met in {timeout}s; task states {counts}")
-        try:
-            await asyncio.wait_for(recorder.changed.wait(), remaining)
-        except TimeoutError:
-            pass
+    try:
+        await async_poll_for(predicate, timeout, interval=0.01)
+    except TimeoutError:
+        counts = Counter(pb.TaskState.Name(s) for s in recorder.states.values())  # type: ignore[arg-type]
+        raise TimeoutError(f"condition not met in {timeout}s; task states {dict(counts)}") from None
 
 
 async def drive(zk: str, agents: int, master_pid: int, kill_rate: float) -> dict[str, Any]:
@@ -129,7 +114,7 @@ async def drive(zk: str, agents: int, master_pid: int, kill_rate: float) -> dict
             await driver.revive()
             await wait_until(recorder, lambda: len(recorder.agents_offered()) >= agents, 60)
             cycles.append(time.monotonic() - t0)
-        cpu0 = proc_cpu_seconds(master_pid)
+        cpu0 = cpu_of(master_pid)
         total = agents * TASKS_PER_AGENT
         launched = 0
         t_launch = time.monotonic()
@@ -156,9 +141,9 @@ async def drive(zk: str, agents: int, master_pid: int, kill_rate: float) -> dict
                     await driver.decline([offer.offer_id], refuse_seconds=60)
         await wait_until(recorder, lambda: recorder.count(pb.TASK_RUNNING) >= total, 120)
         launch_seconds = time.monotonic() - t_launch
-        idle0 = proc_cpu_seconds(master_pid)
+        idle0 = cpu_of(master_pid)
         await asyncio.sleep(IDLE)  # measuring the idle cost: heartbeats of every agent
-        idle_cpu = (proc_cpu_seconds(master_pid) - idle0) / IDLE
+        idle_cpu = (cpu_of(master_pid) - idle0) / IDLE
         t_kill = time.monotonic()
         for i, task_id in enumerate(list(recorder.states)):
             pause = t_kill + i / kill_rate - time.monotonic()
@@ -167,7 +152,7 @@ async def drive(zk: str, agents: int, master_pid: int, kill_rate: float) -> dict
             await driver.kill(task_id, "")
         await wait_until(recorder, lambda: recorder.count(pb.TASK_KILLED) >= total, 120)
         kill_seconds = time.monotonic() - t_kill
-        cpu1 = proc_cpu_seconds(master_pid)
+        cpu1 = cpu_of(master_pid)
     running = [x * 1000 for x in recorder.latency.get(pb.TASK_RUNNING, [])]
     killed = [x * 1000 for x in recorder.latency.get(pb.TASK_KILLED, [])]
     both = running + killed
@@ -187,7 +172,7 @@ async def drive(zk: str, agents: int, master_pid: int, kill_rate: float) -> dict
         "launch_s": launch_seconds,
         "kill_s": kill_seconds,
         "master_cpu_s_launch_and_kill": cpu1 - cpu0 - idle_cpu * IDLE,
-        "master_peak_rss_mib": proc_peak_rss_mib(master_pid),
+        "master_peak_rss_mib": memory_mib(master_pid).get("hwm_mib", float("nan")),
         "master_idle_cpu_fraction": idle_cpu,
     }
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from scheduler.taskinfo import safe_name
+from scheduler.offers import valid_id
 from scheduler.v1 import scheduler_pb2 as pb
 from scheduler.v1 import scheduler_pb2_grpc as pb_grpc
 
@@ -39,7 +39,7 @@ class AgentService(pb_grpc.AgentServicer):
                                 f"name must be stdout or stderr, not {request.name!r}")
         candidates = [p / request.name
                       for p in self.root.glob(f"*/{glob_escape(request.task_id)}")
-                      if safe_name(request.task_id) and (p / request.name).is_file()]
+                      if valid_id(request.task_id) and (p / request.name).is_file()]
         if not candidates:
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"no sandbox for task {request.task_id!r} on this agent")

@@ -28,14 +28,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from scheduler.master_records import TERMINAL_STATES
+
 __all__ = ["Checkpoint", "TaskRecord", "VolumeDirs", "write_atomically"]
 
 log = logging.getLogger(__name__)
 
-# Task states after which a task's process is gone for good.
-TERMINAL_STATES = frozenset(
-    {"TASK_FINISHED", "TASK_FAILED", "TASK_KILLED", "TASK_LOST", "TASK_ERROR"}
-)
 
 
 def write_atomically(path: Path, data: bytes) -> None:

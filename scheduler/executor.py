@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scheduler.deadline import async_poll_for
 from scheduler.health import GrpcProbe, HealthChecker, HealthSpec, make_probe
 from scheduler.process import Process, pid_alive
 from scheduler.task_process import (
@@ -283,11 +284,11 @@ class Executor:
         return self._killer
 
     async def _wait_exit(self, timeout: float) -> bool:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while self.alive():
-            if asyncio.get_running_loop().time() >= deadline:
-                return False
-            await asyncio.sleep(0.02)
+        try:
+            await async_poll_for(lambda: not self.alive(), timeout, interval=0.02,
+                                 what=f"{self.name} to exit")
+        except TimeoutError:
+            return False
         return True
 
     async def _kill(self, grace: float) -> None:

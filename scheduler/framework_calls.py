@@ -63,7 +63,7 @@ class FrameworkCalls(Books):
                 self._framework_conns.pop(framework.conn, None)
                 actions.append(CloseFrameworkConn(
                     framework.conn, "framework failed over to a new subscription"))
-            actions += self._recover_offers(framework, rescind=False)
+            self._recover_offers(framework)
             framework.name, framework.principal = name, principal
             framework.role = role or framework.role
             framework.failover_timeout, framework.info = failover_timeout, info
@@ -81,7 +81,8 @@ class FrameworkCalls(Books):
         if framework is None or framework.conn != conn:
             return []
         framework.conn, framework.disconnected_at = None, now
-        return self._recover_offers(framework, rescind=False)
+        self._recover_offers(framework)
+        return []
 
     def teardown(self, framework_id: str, stream_id: str, now: float) -> list[Action]:
         framework = self._framework(framework_id, stream_id)
@@ -89,7 +90,8 @@ class FrameworkCalls(Books):
 
     def _remove_framework(self, framework: Framework, why: str, now: float) -> list[Action]:
         fid = framework.framework_id
-        actions = self._recover_offers(framework, rescind=False)
+        self._recover_offers(framework)
+        actions: list[Action] = []
         if framework.conn is not None:
             self._framework_conns.pop(framework.conn, None)
             actions.append(CloseFrameworkConn(framework.conn, why))

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scheduler.checkpoint import write_atomically
 from scheduler.deadline import free_port, poll_for
 from scheduler.process import Process, pid_alive, spawn, terminate_pid
 from scheduler.registry import leading_master_sync
@@ -321,10 +322,7 @@ class StateFile:
         return self.work_dir / STATE_FILE
 
     def write(self, state: dict[str, Any]) -> None:
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_suffix(".partial")
-        partial.write_text(json.dumps(state, indent=2))
-        os.replace(partial, self.path)
+        write_atomically(self.path, json.dumps(state, indent=2).encode())
 
     def read(self) -> dict[str, Any] | None:
         try:

@@ -257,12 +257,10 @@ class Master:
             conn.close()
 
     async def _read_registry(self, path: str) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        for name in await self.coord.children(path):
-            found = await self.coord.get_json(f"{path}/{name}")
-            if found is not None:
-                out[name] = found[0]
-        return out
+        """Every entry under `path`, read together: a new leader waits on this."""
+        names = await self.coord.children(path)
+        found = await asyncio.gather(*(self.coord.get_json(f"{path}/{n}") for n in names))
+        return {n: f[0] for n, f in zip(names, found, strict=True) if f is not None}
 
     def deciding(self) -> st.MasterState | None:
         return self.state if self.status is Status.LEADING else None

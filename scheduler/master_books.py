@@ -136,14 +136,11 @@ class Books:
             actions.append(ToFramework(offer.framework_id, Rescind(offer.offer_id)))
         return actions
 
-    def _recover_offers(self, framework: Framework, *, rescind: bool) -> list[Action]:
-        actions: list[Action] = []
+    def _recover_offers(self, framework: Framework) -> None:
+        """Take back every offer the framework holds (it is gone: nothing to rescind)."""
         for offer in [o for o in self.offers.values()
                       if o.framework_id == framework.framework_id]:
             self._drop_offer(offer)
-            if rescind:
-                actions.append(ToFramework(offer.framework_id, Rescind(offer.offer_id)))
-        return actions
 
     # -- registry -------------------------------------------------------------
 
@@ -165,8 +162,6 @@ class Books:
 
     # -- views ----------------------------------------------------------------
 
-    def framework_tasks(self, framework_id: str) -> Iterable[Task]:
-        return (t for k, t in sorted(self.tasks.items()) if k[0] == framework_id)
 
 
 

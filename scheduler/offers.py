@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from scheduler.master_books import summed
 from scheduler.master_records import (
-    EMPTY,
     Agent,
     Create,
     Framework,
@@ -28,6 +28,7 @@ from scheduler.master_records import (
     Unreserve,
 )
 from scheduler.resources import (
+    UNRESERVED,
     ResourceError,
     Resources,
     create_volumes,
@@ -69,9 +70,7 @@ def plan_accept(framework: Framework, agent: Agent, offers: Sequence[Offer],
                 agent_known: Callable[[str], bool]) -> AcceptPlan:
     """Apply `operations` to `offers` of `agent` on paper. `task_id_used(id)`: whether the
     framework has used that task id before; `agent_known(id)`: whether an agent exists."""
-    available = EMPTY
-    for offer in offers:
-        available = available + offer.resources
+    available = summed(o.resources for o in offers)
     total = agent.total
     launches: list[TaskSpec] = []
     seen: set[str] = set()
@@ -145,6 +144,6 @@ def _check_task(agent: Agent, spec: TaskSpec, available: Resources,
 
 def _check_role(framework: Framework, resources: Resources, what: str) -> None:
     for item in resources:
-        if item.role not in ("", "*", framework.role):
+        if item.role not in (UNRESERVED, framework.role):
             raise InvalidArgument(f"{what}: role {item.role!r} is not the framework's "
                                   f"role {framework.role!r}")

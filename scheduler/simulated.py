@@ -36,7 +36,7 @@ from scheduler.registry import leading_master
 from scheduler.resources import Resources
 from scheduler.v1 import scheduler_pb2 as pb
 from scheduler.v1 import scheduler_pb2_grpc as pb_grpc
-from scheduler.wire import resources_to_pb
+from scheduler.wire import attributes_to_pb, resources_to_pb
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class SimulatedAgent:
         self.info = pb.AgentInfo(
             hostname=name,
             resources=resources_to_pb(resources),
-            attributes=[pb.Attribute(name=k, text=v) for k, v in attributes.items()],
+            attributes=attributes_to_pb(attributes),
         )
         self.agent_id = ""
         self.registered = asyncio.Event()

@@ -21,7 +21,7 @@ from scheduler.resources import UNRESERVED, Range, Resource, Resources
 from scheduler.v1 import scheduler_pb2 as pb
 from scheduler.wire import resources_from_pb, resources_to_pb
 
-__all__ = ["fits", "offered", "safe_name", "task", "task_spec"]
+__all__ = ["fits", "offered", "task", "task_spec"]
 
 
 # -- frameworks: tasks from offers -----------------------------------------------------
@@ -116,11 +116,6 @@ def offered(offer: pb.Offer) -> dict[str, float]:
 # -- agents: the executor's view of a task ----------------------------------------------
 
 
-def safe_name(ident: str) -> bool:
-    """Whether `ident` (a framework or task id) can name a directory of its own."""
-    return valid_id(ident)
-
-
 def task_spec(
     framework_id: str,
     task: pb.TaskInfo,
@@ -134,7 +129,7 @@ def task_spec(
     Raises ValueError (ResourceError) on ids or resources that do not fit.
     """
     for ident in (framework_id, task.task_id):
-        if not safe_name(ident):
+        if not valid_id(ident):
             raise ValueError(f"id {ident!r} cannot name a sandbox directory")
     resources = resources_from_pb(task.resources)
     ports = tuple(expand_ports((r.begin, r.end) for r in resources.ranges("ports")))

@@ -39,8 +39,11 @@ def test_one_answer_clears_a_suspicion_and_restarts_the_count() -> None:
     assert detector.suspected == frozenset()
     rounds(detector, *[silent] * 3, start=3.75, every=0.5)  # only 1.5 s of silence
     assert detector.suspected == frozenset()
-    detector.observe(4.0, 4.5, silent)
+    detector.observe(5.5, 6.0, silent)  # the fourth: 2.25 s since the first of this run
+    assert detector.suspected == {"n3"}
     detector.heard_from("n3")  # it answered a Promise
+    assert detector.suspected == frozenset()
+    detector.observe(6.25, 6.75, silent)  # and the count starts again
     assert detector.suspected == frozenset()
 
 

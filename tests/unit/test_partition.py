@@ -317,7 +317,8 @@ def test_removing_one_node_moves_only_its_replicas(
 def test_removal_that_costs_one_kept_replica_moves_exactly_one() -> None:
     """Found by hypothesis in CI: Q 16, 7 nodes, RF 5, n04 removed. A balanced plan that
     only fills n04's partitions exists, but the planner misses it and moves one kept
-    replica (a known imperfection of its greedy fill, bounded at one move)."""
+    replica (a known imperfection of its greedy fill, bounded at one move; a better
+    planner may move none)."""
     members = nodes(7)
     before = plan(None, members, 16, 5)
     rest = [m for m in members if m.id != "n04"]
@@ -326,7 +327,7 @@ def test_removal_that_costs_one_kept_replica_moves_exactly_one() -> None:
     assert_balanced(after, rest, 16, 5)
     kept_moved = sum(len(set(before[p]) - {"n04"} - set(after[p])) for p in range(16))
     held = sum("n04" in s for s in before.values())
-    assert kept_moved == 1 and moved(before, after) == held + 1
+    assert kept_moved <= 1 and moved(before, after) == held + kept_moved
 
 
 @settings(max_examples=40, deadline=None)
