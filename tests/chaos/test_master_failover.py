@@ -12,13 +12,15 @@ import json
 import os
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import grpc
 import pytest
 
-from scheduler.deadline import async_poll_for, poll_for
+from scheduler.deadline import async_poll_for
 from scheduler.framework import Framework, FrameworkDriver
+from scheduler.framework_errors import leader_hint
 from scheduler.local import LocalSubstrate
 from scheduler.v1 import scheduler_pb2 as pb
 from scheduler.v1 import scheduler_pb2_grpc as pb_grpc
@@ -39,6 +41,16 @@ async def leading_state(addresses: list[str], dead: str) -> pb.ClusterState | No
             except grpc.aio.AioRpcError:
                 continue
     return None
+
+
+async def is_standby(address: str) -> bool:
+    """Whether the master at `address` answers as a standby that names a leader."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            await pb_grpc.MasterStub(channel).GetState(pb.GetStateRequest(), timeout=0.5)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code() is grpc.StatusCode.UNAVAILABLE and bool(leader_hint(exc))
+    return False
 
 
 @pytest.mark.slow
@@ -76,11 +88,8 @@ async def test_master_failover_time(tmp_path: Path) -> None:
                                      what="the framework to re-subscribe")
                 framework_s.append(time.monotonic() - t0)
                 substrate.restart_master(index)
-
-                def running(index: int = index) -> bool:
-                    return substrate.master_daemons[index].alive()
-
-                poll_for(running, 10, what="the killed master to run again")
+                await async_poll_for(partial(is_standby, dead), 30, interval=0.1,
+                                     what="the restarted master to stand by")
     finally:
         substrate.stop()
     stats = {
